@@ -1,0 +1,22 @@
+"""reliable_tasks: Celery on RabbitMQ that loses nothing and does nothing twice."""
+
+from __future__ import annotations
+
+from .exceptions import (
+    EnqueueError,
+    PayloadNotSerializable,
+    PayloadTooLarge,
+    ReliableTasksError,
+    UnsupportedOption,
+)
+from .task import ReliableTask, reliable_task
+
+__all__ = [
+    "EnqueueError",
+    "PayloadNotSerializable",
+    "PayloadTooLarge",
+    "ReliableTask",
+    "ReliableTasksError",
+    "UnsupportedOption",
+    "reliable_task",
+]

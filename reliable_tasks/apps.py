@@ -1,0 +1,9 @@
+from __future__ import annotations
+
+from django.apps import AppConfig
+
+
+class ReliableTasksConfig(AppConfig):
+    name = "reliable_tasks"
+    verbose_name = "Reliable tasks"
+    default_auto_field = "django.db.models.BigAutoField"

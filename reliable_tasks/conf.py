@@ -1,0 +1,73 @@
+"""The one settings object: every ``RELIABLE_TASKS_*`` setting, read on access.
+
+Reading on access (not at import) keeps ``override_settings`` working in tests.
+No other module of the package touches ``django.conf.settings``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings as django_settings
+from django.core.exceptions import ImproperlyConfigured
+
+KiB = 1024
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its default and the types it accepts."""
+
+    default: Any
+    types: tuple[type, ...]
+    doc: str
+
+
+SETTINGS: dict[str, Setting] = {
+    "DATABASE": Setting("default", (str,), "Database alias that holds the outbox, ledger and dead tasks."),
+    "MAX_PAYLOAD_BYTES": Setting(256 * KiB, (int,), "Largest encoded task (body and headers) accepted at enqueue."),
+    "OUTBOX_RETENTION": Setting(timedelta(days=7), (timedelta,), "How long dispatched outbox rows are kept as an audit trail."),
+    "RELAY_BATCH_SIZE": Setting(500, (int,), "Rows a relay claims, publishes and confirms per batch."),
+    "RELAY_POLL_INTERVAL": Setting(1.0, (int, float), "Seconds a relay sleeps when it was not woken (polling fallback)."),
+    "RELAY_CONFIRM_TIMEOUT": Setting(30.0, (int, float), "Seconds a relay waits for the broker's confirms of one batch."),
+    "RELAY_HEARTBEAT_INTERVAL": Setting(5.0, (int, float), "Seconds between two heartbeats of a relay."),
+    "RELAY_PRUNE_INTERVAL": Setting(60.0, (int, float), "Seconds between two pruning passes of a relay; 0 turns them off."),
+    "RELAY_RECONNECT_BACKOFF": Setting((0.5, 30.0), (tuple, list), "(base, cap) in seconds of the relay's jittered reconnect backoff."),
+    "RELAY_PUBLISH_RETRY_BACKOFF": Setting((1.0, 300.0), (tuple, list), "(base, cap) in seconds before a refused or returned message is published again."),
+    "RELAY_IN_WORKER": Setting(False, (bool,), "Run a relay thread inside each Celery worker (small deployments)."),
+    "PRUNE_BATCH_SIZE": Setting(1000, (int,), "Rows deleted per statement when pruning."),
+    "CELERY_APP": Setting(None, (str, type(None)), "Dotted path 'module:attribute' of the Celery app; default: Celery's current app."),
+}
+
+
+class Settings:
+    """``RELIABLE_TASKS_<NAME>`` settings with typed defaults, read on every access."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            spec = SETTINGS[name]
+        except KeyError:
+            raise AttributeError(f"reliable_tasks has no setting {name!r}") from None
+        value = getattr(django_settings, f"RELIABLE_TASKS_{name}", spec.default)
+        # bool is an int subclass; a True batch size is a mistake worth naming.
+        if not isinstance(value, spec.types) or (isinstance(value, bool) and bool not in spec.types):
+            expected = " or ".join(t.__name__ for t in spec.types)
+            raise ImproperlyConfigured(
+                f"RELIABLE_TASKS_{name} must be {expected}, not {type(value).__name__} "
+                f"({value!r}). {spec.doc} Default: {spec.default!r}."
+            )
+        return value
+
+    def backoff_pair(self, name: str) -> tuple[float, float]:
+        """Read a ``(base, cap)`` setting and check its shape."""
+        value = getattr(self, name)
+        if len(value) != 2 or not all(isinstance(v, int | float) and v > 0 for v in value):
+            raise ImproperlyConfigured(
+                f"RELIABLE_TASKS_{name} must be (base, cap) in seconds, two positive numbers; got {value!r}."
+            )
+        return float(value[0]), float(value[1])
+
+
+conf = Settings()

@@ -1,0 +1,75 @@
+"""Database tables: the outbox and the relays' heartbeats."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils import timezone
+
+
+class OutboxStatus(models.TextChoices):
+    PENDING = "pending", "pending"
+    DISPATCHED = "dispatched", "dispatched"
+
+
+class OutboxMessage(models.Model):
+    """One task message waiting for, or done with, its publication to the broker.
+
+    The row holds the message exactly as Celery's ``apply_async`` would publish it (headers,
+    properties, encoded body, exchange and routing key), so the relay only has to send it.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    task_id = models.CharField(max_length=255, db_index=True)
+    task_name = models.CharField(max_length=255)
+    queue = models.CharField(max_length=255, blank=True, help_text="Queue to declare before publishing.")
+    exchange = models.CharField(max_length=255, blank=True)
+    routing_key = models.CharField(max_length=255, blank=True)
+    headers = models.JSONField()
+    properties = models.JSONField()
+    body = models.TextField()
+    content_type = models.CharField(max_length=100)
+    content_encoding = models.CharField(max_length=32)
+    status = models.CharField(max_length=16, choices=OutboxStatus.choices, default=OutboxStatus.PENDING)
+    created_at = models.DateTimeField(default=timezone.now)
+    due_at = models.DateTimeField(default=timezone.now, help_text="Not published before this time.")
+    dispatched_at = models.DateTimeField(null=True, blank=True)
+    publish_attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        db_table = "reliable_tasks_outbox"
+        verbose_name = "outbox message"
+        indexes = [
+            # The relay's claim: pending rows in due order; the partial index stays small.
+            models.Index(
+                fields=["due_at", "id"],
+                name="rt_outbox_pending_due",
+                condition=models.Q(status="pending"),
+            ),
+            models.Index(
+                fields=["dispatched_at"],
+                name="rt_outbox_dispatched",
+                condition=models.Q(status="dispatched"),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}] {self.status}"
+
+
+class RelayHeartbeat(models.Model):
+    """The last sign of life of one relay process."""
+
+    name = models.CharField(max_length=255, unique=True, help_text="hostname:pid of the relay.")
+    hostname = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    started_at = models.DateTimeField()
+    last_seen_at = models.DateTimeField()
+    dispatched_total = models.BigIntegerField(default=0)
+    stopped_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "reliable_tasks_relay_heartbeat"
+
+    def __str__(self) -> str:
+        return self.name

@@ -1,0 +1,256 @@
+"""Enqueue: turn an ``apply_async`` call into an outbox row in the caller's transaction.
+
+Celery builds the message as it always does (routing, protocol-2 headers, signals); a
+capturing producer takes the place of the broker and keeps what would have been published.
+The row is then written on the outbox's database connection, so it commits or rolls back
+with the caller's transaction, and no broker I/O happens on the caller's path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from celery.utils.time import maybe_make_aware
+from django.utils import timezone
+from kombu import serialization
+from kombu.exceptions import EncodeError
+
+from .conf import conf
+from .exceptions import PayloadNotSerializable, PayloadTooLarge, UnsupportedOption
+
+SERIALIZER = "json"
+
+# What an AMQP message can carry besides headers and body; kombu drops anything else too.
+_AMQP_PROPERTIES = frozenset(
+    {"delivery_mode", "priority", "correlation_id", "reply_to", "message_id", "timestamp",
+     "type", "user_id", "app_id", "cluster_id"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CapturedMessage:
+    """What ``apply_async`` would have published, encoded and checked."""
+
+    task_name: str
+    task_id: str
+    queue: str
+    exchange: str
+    routing_key: str
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    body: str
+    content_type: str
+    content_encoding: str
+    due_at: datetime
+
+
+class _NoConnection:
+    """Stands where Celery expects the producer's broker connection; there is none."""
+
+    def _reraise_as_library_errors(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+class CapturingProducer:
+    """A kombu ``Producer`` stand-in that keeps the first message instead of sending it.
+
+    Celery may publish a second message through the same producer (a ``task-sent`` monitoring
+    event when ``task_send_sent_event`` is on); only the task message is kept.
+    """
+
+    connection = _NoConnection()
+    serializer = SERIALIZER
+
+    def __init__(self, task_name: str) -> None:
+        self.task_name = task_name
+        self.message: CapturedMessage | None = None
+
+    def publish(
+        self,
+        body: Any,
+        *,
+        exchange: Any = None,
+        routing_key: str | None = None,
+        serializer: str | None = None,
+        compression: str | None = None,
+        headers: dict[str, Any] | None = None,
+        declare: list[Any] | None = None,
+        **properties: Any,
+    ) -> None:
+        if self.message is not None:
+            return
+        name = self.task_name
+        if serializer not in (None, SERIALIZER):
+            raise UnsupportedOption(
+                f"task {name!r} is set to the {serializer!r} serializer; reliable tasks travel as JSON "
+                f"only (pickle can run code on the worker). Remove serializer={serializer!r} from the "
+                "task or call, or set task_serializer = 'json'."
+            )
+        if compression:
+            raise UnsupportedOption(
+                f"task {name!r}: compression={compression!r} is not supported through the outbox; "
+                "remove it from the call, the task and task_compression."
+            )
+        # Publish-only options (retry, timeout, ...) and the TTL fall away here: the relay
+        # publishes on its own terms and counts the TTL from the absolute 'expires' header.
+        headers = dict(headers or {})
+        properties = {k: v for k, v in properties.items() if k in _AMQP_PROPERTIES}
+        task_id = str(headers.get("id") or properties.get("correlation_id"))
+        content_type, content_encoding, data = _encode_body(name, body)
+        headers_json = _encode_mapping(name, "headers", headers)
+        _encode_mapping(name, "publish options", properties)
+        size = len(data.encode()) + len(headers_json)
+        limit = conf.MAX_PAYLOAD_BYTES
+        if size > limit:
+            raise PayloadTooLarge(
+                f"task {name!r} args are {_human(size)}; the limit is "
+                f"RELIABLE_TASKS_MAX_PAYLOAD_BYTES = {_human(limit)}. Store large data elsewhere "
+                "(a table, object storage) and pass its key. Nothing was written to the outbox."
+            )
+        self.message = CapturedMessage(
+            task_name=name,
+            task_id=task_id,
+            queue=_queue_name(declare),
+            exchange=getattr(exchange, "name", exchange) or "",
+            routing_key=routing_key or "",
+            headers=headers,
+            properties=properties,
+            body=data,
+            content_type=content_type,
+            content_encoding=content_encoding,
+            due_at=_due_at(headers.get("eta")),
+        )
+
+    def revive(self, connection: Any) -> None:
+        """Celery's callback retry path calls this; there is nothing to reconnect."""
+
+
+def write(message: CapturedMessage) -> None:
+    """Insert the outbox row on the outbox's database, inside its current transaction."""
+    from .models import OutboxMessage
+
+    OutboxMessage.objects.using(conf.DATABASE).create(
+        task_id=message.task_id,
+        task_name=message.task_name,
+        queue=message.queue,
+        exchange=message.exchange,
+        routing_key=message.routing_key,
+        headers=message.headers,
+        properties=message.properties,
+        body=message.body,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        due_at=message.due_at,
+    )
+
+
+def _encode_body(task_name: str, body: Any) -> tuple[str, str, str]:
+    try:
+        content_type, content_encoding, data = serialization.dumps(body, serializer=SERIALIZER)
+    except EncodeError:
+        raise _not_serializable(task_name, body) from None
+    return content_type, content_encoding, data
+
+
+def _encode_mapping(task_name: str, what: str, value: Mapping[str, Any]) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"))
+    except (TypeError, ValueError):
+        raise _not_serializable(task_name, value, what=what) from None
+
+
+def _not_serializable(task_name: str, value: Any, what: str = "") -> PayloadNotSerializable:
+    if what:
+        found = _first_unencodable(value, what, _json_encodes)
+    else:
+        args, kwargs = value[0], value[1]
+        found = _first_unencodable(args, "args", _kombu_encodes) or _first_unencodable(
+            kwargs, "kwargs", _kombu_encodes
+        )
+    path, bad = found or (what or "the arguments", value)
+    shown = repr(bad)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return PayloadNotSerializable(
+        f"task {task_name!r} cannot be enqueued: {path} is a {type(bad).__name__} ({shown}), which "
+        "JSON cannot encode. Pass str, int, float, bool, None, list, dict, datetime, date, time, "
+        "UUID or Decimal values (for a model instance, its primary key). Nothing was written to "
+        "the outbox; the transaction is still usable."
+    )
+
+
+def _kombu_encodes(value: Any) -> bool:
+    try:
+        serialization.dumps(value, serializer=SERIALIZER)
+    except EncodeError:
+        return False
+    return True
+
+
+def _json_encodes(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _first_unencodable(
+    value: Any, path: str, encodes: Callable[[Any], bool]
+) -> tuple[str, Any] | None:
+    """The path and value of the first leaf that ``encodes`` refuses, depth first."""
+    if isinstance(value, Mapping):
+        children = [(f"{path}[{k!r}]", v) for k, v in value.items()]
+    elif isinstance(value, list | tuple):
+        children = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return None if encodes(value) else (path, value)
+    for child_path, child in children:
+        found = _first_unencodable(child, child_path, encodes)
+        if found:
+            return found
+    return None
+
+
+def _queue_name(declare: list[Any] | None) -> str:
+    for entity in declare or ():
+        # Exchanges have a 'type'; queues have a 'routing_key' and bind to an exchange.
+        if hasattr(entity, "queue_arguments"):
+            return str(entity.name)
+    return ""
+
+
+def _due_at(eta: str | None) -> datetime:
+    if not eta:
+        return timezone.now()
+    return maybe_make_aware(datetime.fromisoformat(eta))
+
+
+def _human(size: int) -> str:
+    if size >= 1024 * 1024:
+        return f"{size / (1024 * 1024):.1f} MB"
+    if size >= 1024:
+        return f"{size / 1024:.0f} KiB"
+    return f"{size} bytes"
+
+
+def prune(*, limit: int, now: datetime | None = None) -> int:
+    """Delete up to ``limit`` dispatched rows older than ``RELIABLE_TASKS_OUTBOX_RETENTION``."""
+    from .models import OutboxMessage, OutboxStatus
+
+    cutoff = (now or timezone.now()) - conf.OUTBOX_RETENTION
+    messages = OutboxMessage.objects.using(conf.DATABASE)
+    ids = list(
+        messages.filter(status=OutboxStatus.DISPATCHED, dispatched_at__lt=cutoff)
+        .order_by("dispatched_at")
+        .values_list("pk", flat=True)[:limit]
+    )
+    if not ids:
+        return 0
+    deleted, _ = messages.filter(pk__in=ids).delete()
+    return deleted

@@ -1,0 +1,498 @@
+"""The relay: claim due outbox rows, publish them with publisher confirms, mark them dispatched.
+
+One batch is: claim up to ``RELIABLE_TASKS_RELAY_BATCH_SIZE`` due rows (``FOR UPDATE SKIP
+LOCKED`` on PostgreSQL, so several relays share the work), publish them all, wait once for
+the broker's confirms of the whole batch, then mark the confirmed rows dispatched in one
+statement. A row is marked only after RabbitMQ confirmed it; a nacked or returned message
+stays pending and is tried again after a backoff. If the relay dies mid-batch, the claim's
+transaction rolls back and the rows are published again: at least once, never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import amqp
+from celery import Celery
+from django.db import DatabaseError, connections, transaction
+from django.db.models import F, Min
+from django.utils import timezone
+from kombu import Connection, Producer, Queue
+
+from . import outbox
+from .conf import conf
+from .models import OutboxMessage, OutboxStatus, RelayHeartbeat
+from .retry import backoff
+
+logger = logging.getLogger("reliable_tasks.relay")
+
+NOTIFY_CHANNEL = "reliable_tasks_outbox"
+PERSISTENT = 2
+
+# Columns the relay reads to publish a row, in the order of ``Row``.
+_ROW_FIELDS = (
+    "id", "task_id", "task_name", "queue", "exchange", "routing_key", "headers",
+    "properties", "body", "content_type", "content_encoding", "publish_attempts",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    id: int
+    task_id: str
+    task_name: str
+    queue: str
+    exchange: str
+    routing_key: str
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    body: str
+    content_type: str
+    content_encoding: str
+    publish_attempts: int
+
+
+@dataclass
+class BatchOutcome:
+    """Which rows of a batch the broker confirmed, and why the others failed."""
+
+    confirmed: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+class ConfirmTimeout(Exception):
+    """The broker did not confirm a batch in ``RELIABLE_TASKS_RELAY_CONFIRM_TIMEOUT``."""
+
+
+def get_celery_app() -> Celery:
+    """The Celery app named by ``RELIABLE_TASKS_CELERY_APP``, else Celery's current app."""
+    path = conf.CELERY_APP
+    if path is None:
+        from celery import current_app
+
+        return current_app._get_current_object()  # type: ignore[no-any-return]
+    from django.utils.module_loading import import_string
+
+    return import_string(path.replace(":", "."))  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------------------------
+# Publishing
+
+
+class Publisher:
+    """Publishes batches on one broker connection and reports what the broker confirmed."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.connection: Connection = app.connection_for_write()
+        self.connection.connect()
+        self.channel = self.connection.channel()
+        self._declared: set[str] = set()
+        self._confirms = isinstance(self.channel, amqp.Channel)
+        if self._confirms:
+            self._setup_confirms()
+        else:
+            self.producer = Producer(self.channel, auto_declare=False)
+        self.errors: tuple[type[BaseException], ...] = (
+            *self.connection.connection_errors,
+            *self.connection.channel_errors,
+            OSError,
+            ConfirmTimeout,
+        )
+
+    def _setup_confirms(self) -> None:
+        self.channel.confirm_select()
+        self._next_tag = 1
+        self._pending: dict[int, int] = {}  # delivery tag -> outbox row id
+        self._outcome = BatchOutcome()
+        self._returned: set[str] = set()
+        self.channel.events["basic_ack"].add(self._on_ack)
+        self.channel.events["basic_nack"].add(self._on_nack)
+        self.channel.events["basic_return"].add(self._on_return)
+
+    def close(self) -> None:
+        try:
+            self.connection.release()
+        except Exception:  # noqa: BLE001 - closing a broken connection may fail in many ways
+            logger.debug("error while closing the broker connection", exc_info=True)
+
+    def publish_batch(self, rows: Sequence[Row], timeout: float) -> BatchOutcome:
+        """Publish ``rows``; return once every one is confirmed, nacked or returned."""
+        if not self._confirms:
+            return self._publish_unconfirmed(rows)
+        outcome = self._outcome = BatchOutcome()
+        self._returned = set()
+        by_task: dict[str, list[int]] = {}
+        for row in rows:
+            try:
+                self._declare(row.queue)
+                message, exchange, routing_key = self._message(row)
+            except self.errors:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one bad row must not stop the batch
+                outcome.failed[row.id] = f"cannot build the message: {exc!r}"
+                continue
+            self.channel.basic_publish(
+                message, exchange=exchange, routing_key=routing_key, mandatory=True
+            )
+            self._pending[self._next_tag] = row.id
+            self._next_tag += 1
+            by_task.setdefault(row.task_id, []).append(row.id)
+        deadline = time.monotonic() + timeout
+        while self._pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ConfirmTimeout(f"{len(self._pending)} messages unconfirmed after {timeout} s")
+            try:
+                self.connection.drain_events(timeout=remaining)
+            except TimeoutError:
+                continue
+        for task_id in self._returned:
+            for row_id in by_task.get(task_id, ()):
+                outcome.failed[row_id] = "returned by the broker as unroutable"
+        returned = set(outcome.failed)
+        outcome.confirmed = [i for i in outcome.confirmed if i not in returned]
+        return outcome
+
+    def _publish_unconfirmed(self, rows: Sequence[Row]) -> BatchOutcome:
+        """Transports without confirms (the embedded fallback): a returned call is a write."""
+        outcome = BatchOutcome()
+        for row in rows:
+            self._declare(row.queue)
+            message_props = _properties(row)
+            self.producer.publish(
+                row.body,
+                exchange=row.exchange,
+                routing_key=row.routing_key,
+                content_type=row.content_type,
+                content_encoding=row.content_encoding,
+                headers=row.headers,
+                **message_props,
+            )
+            outcome.confirmed.append(row.id)
+        return outcome
+
+    def _declare(self, queue_name: str) -> None:
+        if not queue_name or queue_name in self._declared:
+            return
+        queues = self.app.amqp.queues
+        queue = queues[queue_name] if queue_name in queues else Queue(queue_name)
+        queue(self.channel).declare()
+        self._declared.add(queue_name)
+
+    def _message(self, row: Row) -> tuple[amqp.Message, str, str]:
+        props = _properties(row)
+        priority = props.pop("priority", None)
+        message = self.channel.prepare_message(
+            row.body, priority, row.content_type, row.content_encoding, row.headers, props
+        )
+        return message, row.exchange, row.routing_key
+
+    def _settle(self, tag: int, multiple: bool, into: list[int] | None, reason: str) -> None:
+        tags = [t for t in self._pending if t <= tag] if multiple else [tag]
+        for t in tags:
+            row_id = self._pending.pop(t, None)
+            if row_id is None:
+                continue
+            if into is not None:
+                into.append(row_id)
+            else:
+                self._outcome.failed[row_id] = reason
+
+    def _on_ack(self, tag: int, multiple: bool) -> None:
+        self._settle(tag, multiple, self._outcome.confirmed, "")
+
+    def _on_nack(self, tag: int, multiple: bool) -> None:
+        self._settle(tag, multiple, None, "nacked by the broker")
+
+    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
+        self._returned.add(str(message.properties.get("correlation_id")))
+
+
+def _properties(row: Row) -> dict[str, Any]:
+    """AMQP properties for a row: persistent always, the TTL counted from now."""
+    props = dict(row.properties)
+    props["delivery_mode"] = PERSISTENT
+    expires = row.headers.get("expires")
+    if expires:
+        left = (datetime.fromisoformat(expires) - timezone.now()).total_seconds()
+        props["expiration"] = str(max(0, int(left * 1000)))
+    return props
+
+
+# --------------------------------------------------------------------------------------------
+# Waiting for work
+
+
+class Waker:
+    """Sleeps until a new row is committed (PostgreSQL NOTIFY) or the timeout passes."""
+
+    def __init__(self, alias: str) -> None:
+        self._conn: Any = None
+        wrapper = connections[alias]
+        if wrapper.vendor == "postgresql":
+            self._conn = wrapper.get_new_connection(wrapper.get_connection_params())
+            self._conn.autocommit = True
+            self._conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+
+    def wait(self, timeout: float, stop: threading.Event) -> bool:
+        """Wait up to ``timeout`` seconds; True if woken by a notification."""
+        if self._conn is None:
+            stop.wait(timeout)
+            return False
+        deadline = time.monotonic() + timeout
+        while not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            # Short slices so that stop() is honoured within half a second.
+            for _ in self._conn.notifies(timeout=min(remaining, 0.5), stop_after=1):
+                # Several commits may have notified; one claim serves them all.
+                for _ in self._conn.notifies(timeout=0):
+                    pass
+                return True
+        return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The relay
+
+
+class Relay:
+    """Moves due outbox rows to the broker until stopped.
+
+    Args:
+        app: The Celery app whose broker, routes and queues to use.
+        name: Identifies the relay in heartbeats; ``hostname:pid`` by default.
+    """
+
+    def __init__(self, app: Celery | None = None, *, name: str | None = None) -> None:
+        self.app = app or get_celery_app()
+        self.alias = conf.DATABASE
+        self.hostname = socket.gethostname()
+        self.name = name or f"{self.hostname}:{os.getpid()}"
+        self.started_at = timezone.now()
+        self.dispatched_total = 0
+        self._stop = threading.Event()
+        self._publisher: Publisher | None = None
+        self._broker_failures = 0
+        self._next_heartbeat = 0.0
+        self._next_prune = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def stop(self, *_: Any) -> None:
+        """Ask the loop to end after the batch in flight."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT end the loop cleanly (main thread only)."""
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self) -> None:
+        """Relay until ``stop()``; reconnect to the broker and the database as needed."""
+        logger.info("relay %s started (batch %d)", self.name, conf.RELAY_BATCH_SIZE)
+        waker: Waker | None = None
+        try:
+            while not self.stopping:
+                try:
+                    if waker is None:
+                        waker = Waker(self.alias)
+                    self._housekeeping()
+                    sent, full = self._batch()
+                    if full:
+                        continue
+                    waker.wait(self._idle_timeout(), self._stop)
+                except DatabaseError as exc:
+                    logger.warning("relay %s: database error, retrying: %s", self.name, exc)
+                    if waker is not None:
+                        waker.close()
+                        waker = None
+                    connections[self.alias].close()
+                    self._pause(self._broker_failures + 1)
+        finally:
+            if waker is not None:
+                waker.close()
+            self._close_publisher()
+            self._beat(stopped=True)
+            logger.info("relay %s stopped; %d messages dispatched", self.name, self.dispatched_total)
+
+    def run_once(self) -> int:
+        """Relay one batch; return how many rows were confirmed and marked."""
+        return self._batch()[0]
+
+    def drain(self, timeout: float = 60.0) -> int:
+        """Relay batches until no row is due; return how many were dispatched."""
+        total = 0
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            sent, full = self._batch()
+            total += sent
+            if not full and not self._due_count():
+                return total
+        raise TimeoutError(f"the outbox still had due rows after {timeout} s")
+
+    # -- one batch ---------------------------------------------------------------------------
+
+    def _batch(self) -> tuple[int, bool]:
+        """Claim, publish, mark. Returns (rows dispatched, whether the claim was full)."""
+        size = conf.RELAY_BATCH_SIZE
+        publisher = self._ensure_publisher()
+        if publisher is None:
+            return 0, False
+        try:
+            with self._claim_transaction():
+                rows = self._claim(size)
+                if not rows:
+                    return 0, False
+                outcome = publisher.publish_batch(rows, conf.RELAY_CONFIRM_TIMEOUT)
+                self._mark(rows, outcome)
+        except publisher.errors as exc:
+            # The claim rolled back: every row of the batch is pending again.
+            self._broker_failed(exc)
+            return 0, False
+        self._broker_failures = 0
+        self.dispatched_total += len(outcome.confirmed)
+        return len(outcome.confirmed), len(rows) >= size
+
+    @contextmanager
+    def _claim_transaction(self) -> Iterator[None]:
+        # On PostgreSQL the claim's row locks are held until the batch is marked, so relays
+        # never publish the same row twice. SQLite has no row locks and one relay; a long
+        # write transaction there would only block producers.
+        features = connections[self.alias].features
+        with transaction.atomic(using=self.alias) if features.has_select_for_update_skip_locked else nullcontext():
+            yield
+
+    def _claim(self, size: int) -> list[Row]:
+        rows = (
+            OutboxMessage.objects.using(self.alias)
+            .select_for_update(skip_locked=True)
+            .filter(status=OutboxStatus.PENDING, due_at__lte=timezone.now())
+            .order_by("due_at", "id")
+            .values_list(*_ROW_FIELDS)[:size]
+        )
+        return [Row(*r) for r in rows]
+
+    def _mark(self, rows: Sequence[Row], outcome: BatchOutcome) -> None:
+        now = timezone.now()
+        messages = OutboxMessage.objects.using(self.alias)
+        if outcome.confirmed:
+            messages.filter(pk__in=outcome.confirmed).update(
+                status=OutboxStatus.DISPATCHED,
+                dispatched_at=now,
+                publish_attempts=F("publish_attempts") + 1,
+                last_error="",
+            )
+        if outcome.failed:
+            base, cap = conf.backoff_pair("RELAY_PUBLISH_RETRY_BACKOFF")
+            attempts = {row.id: row.publish_attempts + 1 for row in rows}
+            for row_id, reason in outcome.failed.items():
+                delay = backoff(attempts[row_id], base=base, cap=cap, jitter="equal")
+                logger.warning("outbox row %d not published (%s); next try in %.1f s", row_id, reason, delay)
+                messages.filter(pk=row_id).update(
+                    publish_attempts=attempts[row_id],
+                    last_error=reason,
+                    due_at=now + timedelta(seconds=delay),
+                )
+
+    # -- broker connection -------------------------------------------------------------------
+
+    def _ensure_publisher(self) -> Publisher | None:
+        if self._publisher is not None:
+            return self._publisher
+        try:
+            self._publisher = Publisher(self.app)
+        except Exception as exc:  # noqa: BLE001 - any failure to connect means: wait and retry
+            self._broker_failed(exc)
+            return None
+        if self._broker_failures:
+            logger.info("relay %s: broker connection restored", self.name)
+        return self._publisher
+
+    def _broker_failed(self, exc: BaseException) -> None:
+        self._close_publisher()
+        self._broker_failures += 1
+        logger.warning(
+            "relay %s: broker unavailable (%s); pending rows wait (attempt %d)",
+            self.name, exc or type(exc).__name__, self._broker_failures,
+        )  # fmt: skip
+        self._pause(self._broker_failures)
+
+    def _close_publisher(self) -> None:
+        if self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
+
+    def _pause(self, failures: int) -> None:
+        base, cap = conf.backoff_pair("RELAY_RECONNECT_BACKOFF")
+        self._stop.wait(backoff(failures, base=base, cap=cap, jitter="equal"))
+
+    # -- waiting and housekeeping ------------------------------------------------------------
+
+    def _idle_timeout(self) -> float:
+        timeout = float(conf.RELAY_POLL_INTERVAL)
+        next_due = (
+            OutboxMessage.objects.using(self.alias)
+            .filter(status=OutboxStatus.PENDING)
+            .aggregate(next_due=Min("due_at"))["next_due"]
+        )
+        if next_due is not None:
+            timeout = min(timeout, max(0.0, (next_due - timezone.now()).total_seconds()))
+        return min(timeout, max(0.0, self._next_heartbeat - time.monotonic()))
+
+    def _due_count(self) -> int:
+        return (
+            OutboxMessage.objects.using(self.alias)
+            .filter(status=OutboxStatus.PENDING, due_at__lte=timezone.now())
+            .count()
+        )
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            self._beat()
+            self._next_heartbeat = now + conf.RELAY_HEARTBEAT_INTERVAL
+        interval = conf.RELAY_PRUNE_INTERVAL
+        if interval and now >= self._next_prune:
+            self._next_prune = now + interval
+            deleted = outbox.prune(limit=conf.PRUNE_BATCH_SIZE)
+            if deleted:
+                logger.info("relay %s pruned %d dispatched outbox rows", self.name, deleted)
+
+    def _beat(self, stopped: bool = False) -> None:
+        now = timezone.now()
+        values = {
+            "hostname": self.hostname,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "last_seen_at": now,
+            "dispatched_total": self.dispatched_total,
+            "stopped_at": now if stopped else None,
+        }
+        try:
+            RelayHeartbeat.objects.using(self.alias).update_or_create(name=self.name, defaults=values)
+        except DatabaseError:
+            if not stopped:
+                raise
+            logger.warning("relay %s could not record its stop", self.name, exc_info=True)

@@ -1,0 +1,70 @@
+"""Fixtures shared by all test folders: the real services, and processes the tests start."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import Broker, ProcessFactory, service_reachable
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def require(service: str, port: int) -> None:
+    """Skip when a service is missing on a laptop; fail in CI, where it must be there."""
+    if service_reachable(port):
+        return
+    message = f"{service} is not reachable on 127.0.0.1:{port}"
+    if IN_CI:
+        pytest.fail(f"{message}; CI must start it (.ci/run)")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def rabbitmq() -> None:
+    require("RabbitMQ", 5672)
+
+
+@pytest.fixture
+def redis_service() -> None:
+    require("Redis", 6379)
+
+
+@pytest.fixture(autouse=True)
+def _database_service(request: pytest.FixtureRequest) -> None:
+    from django.conf import settings
+
+    if settings.DATABASES["default"]["ENGINE"].endswith("postgresql"):
+        require("PostgreSQL", 5432)
+
+
+@pytest.fixture
+def broker(rabbitmq: None) -> Iterator[Broker]:
+    """The test session's queues on the local RabbitMQ, purged before the test."""
+    b = Broker()
+    b.purge()
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.fixture
+def processes(request: pytest.FixtureRequest) -> Iterator[ProcessFactory]:
+    """Starts relays and workers as subprocesses on the test database; kills them after."""
+    factory = ProcessFactory(test_name=request.node.name)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if service_reachable(5672):
+        try:
+            Broker().delete_all()
+        except (OSError, socket.error):
+            pass

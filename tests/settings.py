@@ -1,0 +1,92 @@
+"""Settings of the test project: PostgreSQL by default, SQLite with RT_TEST_DB=sqlite.
+
+Worker and relay processes started by the tests use these settings too, pointed at the
+test database by RT_TEST_DB_NAME.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+# One set of queues per test session, so that runs never see each other's messages; worker
+# and relay processes inherit the name through the environment.
+os.environ.setdefault("RT_TEST_QUEUE", f"rt-tests-{uuid.uuid4().hex[:8]}")
+
+SECRET_KEY = "tests-only"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "reliable_tasks",
+    "tests.testapp",
+]
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+ROOT_URLCONF = "tests.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+DB = os.environ.get("RT_TEST_DB", "postgres")
+if DB == "sqlite":
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.environ.get("RT_TEST_DB_NAME", "test-reliable-tasks.sqlite3"),
+            "TEST": {"NAME": os.environ.get("RT_TEST_DB_NAME", "test-reliable-tasks.sqlite3")},
+            "OPTIONS": {"init_command": "PRAGMA journal_mode=WAL;", "transaction_mode": "IMMEDIATE"},
+        }
+    }
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": os.environ.get("RT_TEST_DB_NAME", "reliable_tasks"),
+            "USER": os.environ.get("PGUSER", "postgres"),
+            "HOST": os.environ.get("PGHOST", "127.0.0.1"),
+            "PORT": os.environ.get("PGPORT", "5432"),
+        }
+    }
+
+CACHES = {
+    "default": {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": os.environ.get("RT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"),
+    }
+}
+
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+CELERY_TASK_DEFAULT_QUEUE = os.environ["RT_TEST_QUEUE"]
+CELERY_TASK_ROUTES = {"tests.testapp.tasks.routed": {"queue": os.environ["RT_TEST_QUEUE"] + ".routed"}}
+
+RELIABLE_TASKS_RELAY_POLL_INTERVAL = 0.2
+RELIABLE_TASKS_RELAY_HEARTBEAT_INTERVAL = 1.0
+RELIABLE_TASKS_RELAY_RECONNECT_BACKOFF = (0.2, 2.0)
+RELIABLE_TASKS_RELAY_CONFIRM_TIMEOUT = 10.0
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"reliable_tasks": {"handlers": ["console"], "level": "INFO"}},
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

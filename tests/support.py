@@ -1,0 +1,153 @@
+"""Helpers for tests that drive real services and processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kombu import Connection, Queue
+
+ROOT = Path(__file__).resolve().parent.parent
+QUEUE = os.environ["RT_TEST_QUEUE"]  # set by tests/settings.py
+ROUTED_QUEUE = QUEUE + ".routed"
+BROKER_URL = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def service_reachable(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+class Broker:
+    """Raw access to the test session's queues on RabbitMQ, beside Celery."""
+
+    queues = (QUEUE, ROUTED_QUEUE)
+
+    def __init__(self) -> None:
+        self.connection = Connection(BROKER_URL)
+        self.connection.connect()
+        self.channel = self.connection.channel()
+
+    def close(self) -> None:
+        self.connection.release()
+
+    def purge(self) -> None:
+        for name in self.queues:
+            Queue(name, durable=True)(self.channel).declare()
+            self.channel.queue_purge(name)
+
+    def delete_all(self) -> None:
+        for name in self.queues:
+            self.channel.queue_delete(name)
+        self.close()
+
+    def depth(self, name: str = QUEUE) -> int:
+        _, count, _ = self.channel.queue_declare(name, passive=True)
+        return int(count)
+
+    def get_all(self, name: str = QUEUE, expect: int | None = None, timeout: float = 10.0) -> list[Any]:
+        """Take messages off ``name`` (acknowledging them) until ``expect`` or the queue is empty."""
+        messages: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = self.channel.basic_get(name, no_ack=True)
+            if message is not None:
+                messages.append(message)
+                continue
+            if expect is None or len(messages) >= expect:
+                break
+            time.sleep(0.05)
+        return messages
+
+
+@dataclass
+class ProcessFactory:
+    """Starts ``manage.py``-style processes against the test database."""
+
+    test_name: str
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    def env(self) -> dict[str, str]:
+        from django.db import connection
+
+        env = dict(os.environ)
+        env["RT_TEST_DB_NAME"] = str(connection.settings_dict["NAME"])
+        env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+        env["PYTHONPATH"] = str(ROOT)
+        return env
+
+    def start(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = Path(tempfile.mkstemp(prefix=f"rt-{self.test_name[:40]}-", suffix=".log")[1])
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, *argv], cwd=ROOT, env={**self.env(), **(env or {})},
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        self.procs.append(proc)
+        self.logs.append(log)
+        return proc
+
+    def relay(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        return self.start("-m", "django", "reliable_tasks", "relay", *extra, env=env)
+
+    def worker(self, *queues: str, concurrency: int = 1, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        return self.start(
+            "-m", "celery", "-A", "tests.celery_app", "worker", "-l", "info",
+            "-Q", ",".join(queues or (QUEUE,)), "-c", str(concurrency), "-P", "prefork",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "-n", f"w{len(self.procs)}-{os.getpid()}@%h",
+            env=env,
+        )  # fmt: skip
+
+    def log_of(self, proc: subprocess.Popen[bytes]) -> str:
+        return self.logs[self.procs.index(proc)].read_text(errors="replace")
+
+    def kill(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        """Signal the process group (a prefork worker's children die with it on SIGKILL)."""
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        proc.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                self.kill(proc, signal.SIGKILL)
+        for log in self.logs:
+            log.unlink(missing_ok=True)
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+
+def effects(key_prefix: str = "") -> list[str]:
+    from tests.testapp.models import Effect
+
+    return list(Effect.objects.filter(key__startswith=key_prefix).values_list("key", flat=True))
