@@ -104,9 +104,10 @@ class Publisher:
             self._setup_confirms()
         else:
             self.producer = Producer(self.channel, auto_declare=False)
+        self.channel_errors: tuple[type[BaseException], ...] = tuple(self.connection.channel_errors)
         self.errors: tuple[type[BaseException], ...] = (
             *self.connection.connection_errors,
-            *self.connection.channel_errors,
+            *self.channel_errors,
             OSError,
             ConfirmTimeout,
         )
@@ -293,6 +294,7 @@ class Relay:
         self._broker_failures = 0
         self._next_heartbeat = 0.0
         self._next_prune = 0.0
+        self._isolate = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -337,6 +339,16 @@ class Relay:
             self._beat(stopped=True)
             logger.info("relay %s stopped; %d messages dispatched", self.name, self.dispatched_total)
 
+    def close(self) -> None:
+        """Release the broker connection (``run()`` does this itself when it ends)."""
+        self._close_publisher()
+
+    def __enter__(self) -> Relay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def run_once(self) -> int:
         """Relay one batch; return how many rows were confirmed and marked."""
         return self._batch()[0]
@@ -356,24 +368,42 @@ class Relay:
 
     def _batch(self) -> tuple[int, bool]:
         """Claim, publish, mark. Returns (rows dispatched, whether the claim was full)."""
-        size = conf.RELAY_BATCH_SIZE
+        # After a channel error (say, an exchange that does not exist) the rows of the failed
+        # batch are retried one at a time, so the one at fault is found and set aside.
+        size = 1 if self._isolate else conf.RELAY_BATCH_SIZE
         publisher = self._ensure_publisher()
         if publisher is None:
             return 0, False
+        rows: list[Row] = []
         try:
             with self._claim_transaction():
                 rows = self._claim(size)
                 if not rows:
+                    self._isolate = 0
                     return 0, False
                 outcome = publisher.publish_batch(rows, conf.RELAY_CONFIRM_TIMEOUT)
                 self._mark(rows, outcome)
         except publisher.errors as exc:
             # The claim rolled back: every row of the batch is pending again.
+            if isinstance(exc, publisher.channel_errors):
+                self._channel_failed(rows, exc)
+                return 0, True
             self._broker_failed(exc)
             return 0, False
+        self._isolate = max(0, self._isolate - 1)
         self._broker_failures = 0
         self.dispatched_total += len(outcome.confirmed)
         return len(outcome.confirmed), len(rows) >= size
+
+    def _channel_failed(self, rows: Sequence[Row], exc: BaseException) -> None:
+        self._close_publisher()
+        if len(rows) == 1:
+            logger.warning("relay %s: the broker refused outbox row %d: %s", self.name, rows[0].id, exc)
+            self._mark(rows, BatchOutcome(failed={rows[0].id: f"refused by the broker: {exc}"}))
+            self._isolate = max(0, self._isolate - 1)
+        else:
+            logger.warning("relay %s: channel error in a batch of %d (%s); retrying them one by one", self.name, len(rows), exc)
+            self._isolate = len(rows)
 
     @contextmanager
     def _claim_transaction(self) -> Iterator[None]:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from reliable_tasks.relay import Relay
 from tests.support import Broker, ProcessFactory, service_reachable
 
 IN_CI = os.environ.get("CI") == "true"
@@ -50,6 +51,13 @@ def broker(rabbitmq: None) -> Iterator[Broker]:
         yield b
     finally:
         b.close()
+
+
+@pytest.fixture
+def relay(broker: Broker) -> Iterator[Relay]:
+    """An in-process relay on the test database and the local RabbitMQ."""
+    with Relay() as r:
+        yield r
 
 
 @pytest.fixture
