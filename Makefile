@@ -1,0 +1,49 @@
+# Every target creates .venv and installs what it needs; `make demo` and `make test` are the
+# two commands a fresh machine needs.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: install demo test test-postgres test-sqlite lint typecheck bench docs services clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev,docs]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python demo_project/run_demo.py
+
+test: install lint typecheck test-postgres test-sqlite docs
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+# The main environment: Python 3.11, Django 5.2, PostgreSQL, RabbitMQ, Redis.
+test-postgres: install
+	RT_TEST_DB=postgres $(PYTEST) tests
+
+# The embedded default: SQLite (tests that need PostgreSQL's locks are deselected).
+test-sqlite: install
+	rm -f test-reliable-tasks.sqlite3*
+	RT_TEST_DB=sqlite $(PYTEST) tests -m "not postgres"
+
+bench: install
+	$(BIN)/python benchmarks/run.py
+
+docs: install
+	$(BIN)/sphinx-build -q -W --keep-going -b html docs docs/_build/html
+
+services:
+	scripts/ensure-services
+
+clean:
+	rm -rf $(VENV) .tox docs/_build test-reliable-tasks.sqlite3*
