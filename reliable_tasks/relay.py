@@ -258,12 +258,20 @@ class Waker:
             if remaining <= 0:
                 return False
             # Short slices so that stop() is honoured within half a second.
-            for _ in self._conn.notifies(timeout=min(remaining, 0.5), stop_after=1):
+            if self._received(min(remaining, 0.5)):
                 # Several commits may have notified; one claim serves them all.
-                for _ in self._conn.notifies(timeout=0):
+                while self._received(0):
                     pass
                 return True
         return False
+
+    def _received(self, timeout: float) -> bool:
+        # The generator holds the connection's lock until it is closed: close it before the next.
+        notifications = self._conn.notifies(timeout=timeout, stop_after=1)
+        try:
+            return next(notifications, None) is not None
+        finally:
+            notifications.close()
 
     def close(self) -> None:
         if self._conn is not None:

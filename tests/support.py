@@ -139,7 +139,10 @@ class ProcessFactory:
         for proc in self.procs:
             if proc.poll() is None:
                 self.kill(proc, signal.SIGKILL)
-        for log in self.logs:
+        for proc, log in zip(self.procs, self.logs, strict=True):
+            # Shown by pytest only when the test failed: the processes' own account.
+            tail = log.read_text(errors="replace")[-4000:]
+            print(f"--- {' '.join(map(str, proc.args))} (exit {proc.returncode}) ---\n{tail}")
             log.unlink(missing_ok=True)
 
 

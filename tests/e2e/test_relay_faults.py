@@ -1,0 +1,122 @@
+"""Faults made to happen: the broker stops, relays are killed, two relays race."""
+
+from __future__ import annotations
+
+import collections
+import signal
+import time
+
+import pytest
+from django.db import connection, transaction
+
+from reliable_tasks.models import OutboxMessage, RelayHeartbeat
+from tests.support import Broker, ProcessFactory, rabbitmqctl, wait_for
+from tests.testapp.tasks import record
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+
+def enqueue_many(n: int, prefix: str, per_transaction: int = 500) -> list[str]:
+    ids: list[str] = []
+    for start in range(0, n, per_transaction):
+        with transaction.atomic():
+            ids += [record.delay(f"{prefix}{i}").id for i in range(start, min(n, start + per_transaction))]
+    return ids
+
+
+def dispatched() -> int:
+    return OutboxMessage.objects.filter(status="dispatched").count()
+
+
+def received_ids(broker: Broker, expect: int) -> collections.Counter[str]:
+    return collections.Counter(m.headers["id"] for m in broker.get_all(expect=expect, timeout=30))
+
+
+@pytest.fixture
+def stopped_broker_restarts() -> object:
+    """Makes sure RabbitMQ runs again when the test ends, whatever happened."""
+    yield None
+    rabbitmqctl("start_app")
+    rabbitmqctl("await_startup")
+
+
+def test_commits_succeed_while_the_broker_is_down_and_rows_go_out_when_it_returns(
+    broker: Broker, processes: ProcessFactory, stopped_broker_restarts: object
+) -> None:
+    relay = processes.relay()
+    broker.close()
+    rabbitmqctl("stop_app")
+    # Producers never touch the broker: these commits succeed while it is down.
+    ids = enqueue_many(200, "down-", per_transaction=20)
+    time.sleep(2)  # the relay tries, fails and backs off meanwhile
+    assert dispatched() == 0
+    assert OutboxMessage.objects.filter(status="pending").count() == 200
+    rabbitmqctl("start_app")
+    rabbitmqctl("await_startup")
+    wait_for(lambda: dispatched() == 200, timeout=60, what="every row to be dispatched after start_app")
+    fresh = Broker()
+    try:
+        got = received_ids(fresh, expect=200)
+    finally:
+        fresh.close()
+    assert set(got) == set(ids)
+    assert relay.poll() is None, processes.log_of(relay)
+    assert "broker unavailable" in processes.log_of(relay)
+
+
+def test_a_relay_killed_mid_batch_loses_nothing(broker: Broker, processes: ProcessFactory) -> None:
+    ids = enqueue_many(6000, "kill-")
+    env = {"RT_TEST_RELAY_BATCH_SIZE": "250"}
+    first = processes.relay(env=env)
+    wait_for(lambda: dispatched() >= 250, timeout=60, what="the first batches")
+    processes.kill(first, signal.SIGKILL)
+    done_before_kill = dispatched()
+    assert done_before_kill < 6000, "the relay finished before it could be killed; enqueue more"
+    processes.relay(env=env)
+    wait_for(lambda: dispatched() == 6000, timeout=120, what="the second relay to finish")
+    got = received_ids(broker, expect=6000)
+    assert set(got) == set(ids), "a task was lost"
+    duplicates = sum(c - 1 for c in got.values())
+    # At most the batch in flight at the kill goes out twice.
+    assert duplicates <= 250
+    print(f"relay SIGKILL after {done_before_kill} rows: {duplicates} duplicate publishes")
+
+
+@pytest.mark.postgres
+def test_two_relays_on_postgresql_never_publish_a_row_twice(broker: Broker, processes: ProcessFactory) -> None:
+    assert connection.vendor == "postgresql"
+    ids = enqueue_many(8000, "two-")
+    env = {"RT_TEST_RELAY_BATCH_SIZE": "100"}
+    processes.relay("--name", "relay-a", env=env)
+    processes.relay("--name", "relay-b", env=env)
+    wait_for(lambda: dispatched() == 8000, timeout=120, what="both relays to drain the outbox")
+    got = received_ids(broker, expect=8000)
+    assert set(got) == set(ids)
+    assert max(got.values()) == 1, "a row was published twice"
+    wait_for(lambda: sum(dict(RelayHeartbeat.objects.values_list("name", "dispatched_total")).values()) == 8000, timeout=10, what="heartbeats to count every row")
+    shares = dict(RelayHeartbeat.objects.values_list("name", "dispatched_total"))
+    assert shares["relay-a"] > 0
+    assert shares["relay-b"] > 0
+
+
+@pytest.mark.postgres
+def test_a_commit_wakes_the_relay_without_waiting_for_the_poll(broker: Broker, processes: ProcessFactory) -> None:
+    processes.relay(env={"RT_TEST_RELAY_POLL_INTERVAL": "30"})
+    wait_for(lambda: RelayHeartbeat.objects.exists(), timeout=30, what="the relay to start")
+    time.sleep(0.5)
+    started = time.monotonic()
+    record.delay("wake")
+    wait_for(dispatched, timeout=10, interval=0.01, what="the notified relay")
+    assert time.monotonic() - started < 2.0
+
+
+def test_sigterm_stops_the_relay_cleanly(broker: Broker, processes: ProcessFactory) -> None:
+    relay = processes.relay("--name", "relay-term")
+    wait_for(lambda: RelayHeartbeat.objects.filter(name="relay-term").exists(), timeout=30, what="the relay to start")
+    record.delay("before-term")
+    wait_for(dispatched, timeout=10, what="the row to go out")
+    relay.send_signal(signal.SIGTERM)
+    assert relay.wait(timeout=15) == 0, processes.log_of(relay)
+    beat = RelayHeartbeat.objects.get(name="relay-term")
+    assert beat.stopped_at is not None
+    assert beat.dispatched_total == 1
