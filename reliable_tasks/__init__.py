@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from .exceptions import (
     EnqueueError,
+    ExecutionError,
+    IdempotencyKeyReused,
+    InvalidIdempotencyKey,
+    LeaseLost,
     PayloadNotSerializable,
     PayloadTooLarge,
     ReliableTasksError,
@@ -13,6 +17,10 @@ from .task import ReliableTask, reliable_task
 
 __all__ = [
     "EnqueueError",
+    "ExecutionError",
+    "IdempotencyKeyReused",
+    "InvalidIdempotencyKey",
+    "LeaseLost",
     "PayloadNotSerializable",
     "PayloadTooLarge",
     "ReliableTask",

@@ -37,6 +37,10 @@ SETTINGS: dict[str, Setting] = {
     "RELAY_RECONNECT_BACKOFF": Setting((0.5, 30.0), (tuple, list), "(base, cap) in seconds of the relay's jittered reconnect backoff."),
     "RELAY_PUBLISH_RETRY_BACKOFF": Setting((1.0, 300.0), (tuple, list), "(base, cap) in seconds before a refused or returned message is published again."),
     "RELAY_IN_WORKER": Setting(False, (bool,), "Run a relay thread inside each Celery worker (small deployments)."),
+    "IDEMPOTENCY_RETENTION": Setting(timedelta(days=7), (timedelta,), "How long a completed idempotency key keeps refusing to run again."),
+    "LEASE_SECONDS": Setting(300.0, (int, float), "Lease of a lease-mode key; a holder that stops renewing loses it after this."),
+    "MAX_RESULT_BYTES": Setting(64 * KiB, (int,), "Largest task result the ledger stores for duplicates; larger results are stored as null."),
+    "CACHE_ALIAS": Setting("default", (str, type(None)), "Django cache that remembers completed keys (a fast path, never the truth); None turns it off."),
     "PRUNE_BATCH_SIZE": Setting(1000, (int,), "Rows deleted per statement when pruning."),
     "CELERY_APP": Setting(None, (str, type(None)), "Dotted path 'module:attribute' of the Celery app; default: Celery's current app."),
 }

@@ -21,3 +21,19 @@ class PayloadTooLarge(EnqueueError):
 
 class UnsupportedOption(EnqueueError):
     """An ``apply_async`` option that the outbox cannot honour."""
+
+
+class InvalidIdempotencyKey(EnqueueError):
+    """A task's ``idempotency_key`` callable failed or returned something unusable."""
+
+
+class ExecutionError(ReliableTasksError):
+    """A delivery was refused by the execution ledger; the task did not run."""
+
+
+class IdempotencyKeyReused(ExecutionError):
+    """A key that was first used with other arguments came back with different ones."""
+
+
+class LeaseLost(ExecutionError):
+    """A lease-mode task lost its key: the lease expired and another execution took over."""

@@ -73,3 +73,43 @@ class RelayHeartbeat(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class LedgerState(models.TextChoices):
+    RUNNING = "running", "running"
+    DONE = "done", "done"
+
+
+class IdempotencyKey(models.Model):
+    """One idempotency key of one task: who holds it, and the result once it is done.
+
+    Atomic-mode keys commit only as "done", together with the task's own writes. Lease-mode
+    keys commit "running" with a lease; a holder that dies lets the lease expire.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    task_name = models.CharField(max_length=255)
+    key = models.CharField(max_length=255)
+    state = models.CharField(max_length=16, choices=LedgerState.choices)
+    fingerprint = models.CharField(max_length=64, help_text="SHA-256 of the arguments first used with the key.")
+    token = models.CharField(max_length=32, help_text="Identifies the current holder's claim.")
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=1)
+    task_id = models.CharField(max_length=255, blank=True, help_text="The execution that holds or completed the key.")
+    worker = models.CharField(max_length=255, blank=True)
+    result = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "reliable_tasks_ledger"
+        verbose_name = "idempotency key"
+        constraints = [models.UniqueConstraint(fields=["task_name", "key"], name="rt_ledger_task_key")]
+        indexes = [
+            models.Index(fields=["completed_at"], name="rt_ledger_completed"),
+            models.Index(fields=["lease_expires_at"], name="rt_ledger_lease", condition=models.Q(state="running")),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}:{self.key} {self.state}"

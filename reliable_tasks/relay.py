@@ -95,7 +95,11 @@ class Publisher:
 
     def __init__(self, app: Celery) -> None:
         self.app = app
-        self.connection: Connection = app.connection_for_write()
+        # py-amqp's confirm_publish (which Celery's docs recommend) would wait for each message's
+        # confirm inside basic_publish; the relay confirms a whole batch at once on its own.
+        self.connection: Connection = app.connection_for_write(
+            transport_options={"confirm_publish": False}
+        )
         self.connection.connect()
         self.channel = self.connection.channel()
         self._declared: set[str] = set()

@@ -13,3 +13,15 @@ class Effect(models.Model):
 
     def __str__(self) -> str:
         return self.key
+
+
+class Observed(models.Model):
+    """What the ledger told a worker process: a duplicate hit or a deferral (via signals)."""
+
+    kind = models.CharField(max_length=20)
+    key = models.CharField(max_length=200)
+    cached = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.key}"

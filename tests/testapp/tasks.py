@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from celery import shared_task
+from django.dispatch import receiver
 
 from reliable_tasks import ReliableTask, reliable_task
+from reliable_tasks.signals import task_deferred, task_duplicate
 
-from .models import Effect
+from .models import Effect, Observed
 
 
 @reliable_task(bind=True)
@@ -35,3 +39,62 @@ def slow(key: str, seconds: float) -> str:
 def plain_record(self: Any, key: str) -> str:
     Effect.objects.create(key=key, task_id=self.request.id)
     return key
+
+
+# -- idempotency --------------------------------------------------------------------------------
+
+SIGNAL_DIR = Path(os.environ.get("RT_TEST_SIGNAL_DIR", "/tmp"))
+
+
+def announce(name: str) -> None:
+    """Leave a file the test waits for: the task body has started (its writes are not visible yet)."""
+    (SIGNAL_DIR / name).touch()
+
+
+@reliable_task(bind=True, idempotency_key=lambda order_id, amount=0: f"charge:{order_id}")
+def charge(self: ReliableTask, order_id: int, amount: int = 0) -> dict[str, Any]:
+    Effect.objects.create(key=f"charge:{order_id}", task_id=self.request.id, payload={"amount": amount})
+    return {"order": order_id, "charged": amount, "key": self.idempotency_key}
+
+
+@reliable_task(bind=True)
+def two_steps(self: ReliableTask, key: str, pause: float) -> str:
+    Effect.objects.create(key=f"{key}:part1")
+    announce(f"started-{key}-{self.request.id}")
+    time.sleep(pause)
+    Effect.objects.create(key=f"{key}:part2")
+    return key
+
+
+@reliable_task(bind=True, atomic=False, lease=3, idempotency_key=lambda key, seconds, renew=False: f"lease:{key}")
+def leased(self: ReliableTask, key: str, seconds: float, renew: bool = False) -> str:
+    announce(f"started-{key}-{self.request.id}")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        if renew:
+            self.renew_lease()
+    Effect.objects.create(key=f"lease:{key}", task_id=self.request.id, payload={"key": self.idempotency_key})
+    return key
+
+
+@reliable_task(idempotency_key=lambda key: f"race:{key}")
+def race(key: str) -> str:
+    Effect.objects.create(key=f"race:{key}")
+    return key
+
+
+@receiver(task_duplicate)
+def _seen_duplicate(sender: Any, task: Any, key: str, cached: bool, **kwargs: Any) -> None:
+    Observed.objects.create(kind="duplicate", key=key, cached=cached)
+
+
+@receiver(task_deferred)
+def _seen_deferral(sender: Any, task: Any, key: str, delay: float, **kwargs: Any) -> None:
+    Observed.objects.create(kind="deferred", key=key)
+
+
+@reliable_task
+def write_then_fail(key: str) -> None:
+    Effect.objects.create(key=key)
+    raise ValueError(f"{key} failed after its write")

@@ -1,0 +1,248 @@
+"""The execution ledger: claim an idempotency key, complete it, hold it under a lease, prune it.
+
+A key is claimed with one upsert. It inserts the key, or takes over a lease-mode key whose
+lease expired; when someone else holds the key, or it is done, the upsert changes nothing
+and a read tells the caller what there is. In atomic mode the claim stays uncommitted until
+the task's own transaction commits with the key "done": a concurrent duplicate waits on the
+key's unique index, then finds it done. The Django cache remembers done keys so that a
+duplicate usually costs no database round trip; the database stays the truth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.core.cache import caches
+from django.db import connections
+from django.utils import timezone
+from kombu.utils import json as kombu_json
+
+from .conf import conf
+from .models import IdempotencyKey, LedgerState
+
+logger = logging.getLogger("reliable_tasks.ledger")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of claiming a key.
+
+    ``owned`` is True when this execution holds the key and must run the task. Otherwise
+    ``state`` says why not: "done" (``result`` is the stored result) or "running" (another
+    execution holds a live lease until ``lease_expires_at``).
+    """
+
+    task_name: str
+    key: str
+    token: str
+    owned: bool
+    state: str
+    fingerprint: str
+    result: Any = None
+    lease_expires_at: datetime | None = None
+
+
+def fingerprint(args: Any, kwargs: Any) -> str:
+    """SHA-256 of the arguments, as canonical JSON (the same values give the same digest)."""
+    data = kombu_json.dumps([list(args or ()), dict(kwargs or {})], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+def claim(
+    task_name: str,
+    key: str,
+    fingerprint: str,
+    *,
+    task_id: str,
+    worker: str,
+    lease_seconds: float,
+) -> Claim:
+    """Claim ``key`` for one execution of ``task_name`` (call it inside a transaction for atomic mode)."""
+    connection = connections[conf.DATABASE]
+    ops = connection.ops
+    table = ops.quote_name(IdempotencyKey._meta.db_table)
+    now = timezone.now()
+    token = uuid.uuid4().hex
+    lease_until = now + timedelta(seconds=lease_seconds)
+    q = ops.quote_name
+    sql = f"""
+        INSERT INTO {table} ({q("task_name")}, {q("key")}, {q("state")}, {q("fingerprint")}, {q("token")},
+                             {q("lease_expires_at")}, {q("attempts")}, {q("task_id")}, {q("worker")},
+                             {q("created_at")}, {q("updated_at")})
+        VALUES (%s, %s, %s, %s, %s, %s, 1, %s, %s, %s, %s)
+        ON CONFLICT ({q("task_name")}, {q("key")}) DO UPDATE SET
+            {q("token")} = EXCLUDED.{q("token")},
+            {q("lease_expires_at")} = EXCLUDED.{q("lease_expires_at")},
+            {q("attempts")} = {table}.{q("attempts")} + 1,
+            {q("task_id")} = EXCLUDED.{q("task_id")},
+            {q("worker")} = EXCLUDED.{q("worker")},
+            {q("updated_at")} = EXCLUDED.{q("updated_at")}
+        WHERE {table}.{q("state")} = %s
+          AND {table}.{q("lease_expires_at")} <= %s
+          AND {table}.{q("fingerprint")} = EXCLUDED.{q("fingerprint")}
+        RETURNING {q("token")}
+    """  # noqa: S608 - identifiers come from the model, values are parameters
+    stamp = ops.adapt_datetimefield_value
+    params = [
+        task_name, key, LedgerState.RUNNING, fingerprint, token, stamp(lease_until), task_id,
+        worker, stamp(now), stamp(now), LedgerState.RUNNING, stamp(now),
+    ]  # fmt: skip
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is not None and row[0] == token:
+        return Claim(task_name, key, token, True, LedgerState.RUNNING, fingerprint, None, lease_until)
+    existing = (
+        IdempotencyKey.objects.using(conf.DATABASE)
+        .filter(task_name=task_name, key=key)
+        .values_list("state", "fingerprint", "result", "lease_expires_at")
+        .get()
+    )
+    state, stored_fingerprint, result, lease_expires_at = existing
+    return Claim(task_name, key, token, False, state, stored_fingerprint, decode_result(result), lease_expires_at)
+
+
+def complete(claim: Claim, result: Any) -> bool:
+    """Mark the claimed key done with ``result``; False if the claim was lost (lease taken over)."""
+    now = timezone.now()
+    updated = (
+        IdempotencyKey.objects.using(conf.DATABASE)
+        .filter(task_name=claim.task_name, key=claim.key, token=claim.token)
+        .update(
+            state=LedgerState.DONE,
+            result=encode_result(claim.task_name, result),
+            completed_at=now,
+            updated_at=now,
+            lease_expires_at=None,
+        )
+    )
+    return updated == 1
+
+
+def renew(claim: Claim, lease_seconds: float) -> bool:
+    """Extend a lease-mode claim by ``lease_seconds`` from now; False if it was lost."""
+    now = timezone.now()
+    updated = (
+        IdempotencyKey.objects.using(conf.DATABASE)
+        .filter(task_name=claim.task_name, key=claim.key, token=claim.token, state=LedgerState.RUNNING)
+        .update(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+    )
+    return updated == 1
+
+
+def release(claim: Claim) -> None:
+    """End a lease-mode claim without completing it, so the next delivery may run at once."""
+    now = timezone.now()
+    IdempotencyKey.objects.using(conf.DATABASE).filter(
+        task_name=claim.task_name, key=claim.key, token=claim.token, state=LedgerState.RUNNING
+    ).update(lease_expires_at=now, updated_at=now)
+
+
+def prune(*, limit: int, now: datetime | None = None) -> int:
+    """Delete up to ``limit`` keys past ``RELIABLE_TASKS_IDEMPOTENCY_RETENTION``.
+
+    Done keys count from their completion; abandoned running keys from their lease's end.
+    """
+    cutoff = (now or timezone.now()) - conf.IDEMPOTENCY_RETENTION
+    keys = IdempotencyKey.objects.using(conf.DATABASE)
+    ids = list(keys.filter(state=LedgerState.DONE, completed_at__lt=cutoff).values_list("pk", flat=True)[:limit])
+    if len(ids) < limit:
+        ids += keys.filter(state=LedgerState.RUNNING, lease_expires_at__lt=cutoff).values_list("pk", flat=True)[
+            : limit - len(ids)
+        ]
+    if not ids:
+        return 0
+    deleted, _ = keys.filter(pk__in=ids).delete()
+    return deleted
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+def encode_result(task_name: str, result: Any) -> Any:
+    """The result as stored: kombu's JSON (datetimes, UUIDs, decimals survive), or None if too big."""
+    try:
+        text = kombu_json.dumps(result)
+    except (TypeError, ValueError):
+        logger.warning("task %s returned a %s, which JSON cannot encode; duplicates will get None", task_name, type(result).__name__)
+        return None
+    if len(text.encode()) > conf.MAX_RESULT_BYTES:
+        logger.warning(
+            "task %s returned %d bytes, above RELIABLE_TASKS_MAX_RESULT_BYTES = %d; duplicates will get None",
+            task_name, len(text.encode()), conf.MAX_RESULT_BYTES,
+        )  # fmt: skip
+        return None
+    return json.loads(text)
+
+
+def decode_result(stored: Any) -> Any:
+    """The task's result from its stored form (see ``encode_result``)."""
+    if stored is None:
+        return None
+    return kombu_json.loads(json.dumps(stored))
+
+
+# --------------------------------------------------------------------------------------------
+# The cache of done keys
+
+
+class DoneCache:
+    """Remembers done keys in the Django cache; every failure falls back to the database."""
+
+    def __init__(self) -> None:
+        self._down = False
+
+    def _cache_key(self, task_name: str, key: str) -> str:
+        digest = hashlib.sha256(f"{task_name}\0{key}".encode()).hexdigest()
+        return f"reliable_tasks:done:{digest}"
+
+    def get(self, task_name: str, key: str) -> tuple[str, Any] | None:
+        """``(fingerprint, stored result)`` of a done key, or None when not known here."""
+        alias = conf.CACHE_ALIAS
+        if alias is None:
+            return None
+        try:
+            value = caches[alias].get(self._cache_key(task_name, key))
+        except Exception as exc:  # noqa: BLE001 - a cache outage must not fail the task
+            self._failed(exc)
+            return None
+        self._recovered()
+        if value is None:
+            return None
+        stored_fingerprint, stored = value
+        return stored_fingerprint, stored
+
+    def set(self, task_name: str, key: str, fingerprint: str, stored_result: Any) -> None:
+        alias = conf.CACHE_ALIAS
+        if alias is None:
+            return
+        timeout = conf.IDEMPOTENCY_RETENTION.total_seconds()
+        try:
+            caches[alias].set(self._cache_key(task_name, key), (fingerprint, stored_result), timeout)
+        except Exception as exc:  # noqa: BLE001 - a cache outage must not fail the task
+            self._failed(exc)
+            return
+        self._recovered()
+
+    def _failed(self, exc: Exception) -> None:
+        if not self._down:
+            self._down = True
+            logger.warning(
+                "idempotency cache %r unavailable (%s); checking keys in the database until it returns",
+                conf.CACHE_ALIAS, exc,
+            )  # fmt: skip
+
+    def _recovered(self) -> None:
+        if self._down:
+            self._down = False
+            logger.info("idempotency cache %r is back", conf.CACHE_ALIAS)
+
+
+done_cache = DoneCache()

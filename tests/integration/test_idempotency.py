@@ -1,0 +1,126 @@
+"""The execution ledger in one process, on the real database and Redis."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from django.core.cache import cache
+from django.test import override_settings
+from django.utils import timezone
+
+from reliable_tasks import IdempotencyKeyReused, InvalidIdempotencyKey, ledger
+from reliable_tasks.models import IdempotencyKey
+from tests.testapp.models import Effect, Observed
+from tests.testapp.tasks import charge, leased, record, write_then_fail
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache(redis_service: None) -> None:
+    cache.clear()
+
+
+def test_a_second_execution_with_the_same_task_id_returns_the_stored_result_without_running() -> None:
+    first = record.apply(("once",), task_id="fixed-id")
+    second = record.apply(("once",), task_id="fixed-id")
+    assert first.get() == second.get() == "once"
+    assert Effect.objects.filter(key="once").count() == 1
+    key = IdempotencyKey.objects.get()
+    assert (key.task_name, key.key, key.state, key.task_id) == (record.name, "fixed-id", "done", "fixed-id")
+    assert list(Observed.objects.values_list("kind", "cached")) == [("duplicate", True)]
+
+
+def test_a_business_key_runs_once_across_task_ids_and_duplicates_get_the_stored_result() -> None:
+    results = [charge.apply((7,), {"amount": 30}).get() for _ in range(3)]
+    assert results == [{"order": 7, "charged": 30, "key": "charge:7"}] * 3
+    assert Effect.objects.filter(key="charge:7").count() == 1
+
+
+def test_the_database_answers_duplicates_when_the_cache_forgot() -> None:
+    charge.apply((8,), {"amount": 1})
+    cache.clear()
+    assert charge.apply((8,), {"amount": 1}).get()["charged"] == 1
+    assert Effect.objects.count() == 1
+    assert list(Observed.objects.values_list("cached", flat=True)) == [False]
+
+
+def test_a_key_reused_with_other_arguments_is_refused_and_nothing_runs() -> None:
+    charge.apply((9,), {"amount": 10})
+    refused = charge.apply((9,), {"amount": 11})
+    assert refused.failed()
+    assert isinstance(refused.result, IdempotencyKeyReused)
+    assert "idempotency key 'charge:9' was first used with other arguments" in str(refused.result)
+    assert "The task did not run" in str(refused.result)
+    assert list(Effect.objects.values_list("payload", flat=True)) == [{"amount": 10}]
+
+
+def test_a_failing_atomic_task_leaves_neither_its_writes_nor_its_key() -> None:
+    failed = write_then_fail.apply(("half",), task_id="fails")
+    assert isinstance(failed.result, ValueError)
+    assert Effect.objects.count() == 0
+    assert not IdempotencyKey.objects.exists()
+
+
+def test_a_lease_mode_key_is_exposed_to_the_task_and_released_when_done() -> None:
+    result = leased.apply(("L1", 0)).get()
+    assert result == "L1"
+    effect = Effect.objects.get(key="lease:L1")
+    assert effect.payload == {"key": "lease:L1"}
+    key = IdempotencyKey.objects.get(key="lease:L1")
+    assert key.state == "done"
+    assert key.lease_expires_at is None
+
+
+def test_a_live_lease_held_elsewhere_defers_the_duplicate(broker: object) -> None:
+    holder = ledger.claim(leased.name, "lease:L2", ledger.fingerprint(("L2", 0), {}), task_id="other", worker="elsewhere", lease_seconds=60)
+    assert holder.owned
+    from reliable_tasks.models import OutboxMessage
+
+    deferred = leased.apply(("L2", 0), task_id="dup")
+    assert deferred.state == "IGNORED"
+    assert Effect.objects.count() == 0
+    # The duplicate comes back through the outbox when the lease would have ended.
+    row = OutboxMessage.objects.get(task_id="dup")
+    assert row.due_at > timezone.now() + dt.timedelta(seconds=55)
+    assert list(Observed.objects.values_list("kind", flat=True)) == ["deferred"]
+
+
+def test_an_expired_lease_is_taken_over() -> None:
+    fp = ledger.fingerprint(("L3", 0), {})
+    crashed = ledger.claim(leased.name, "lease:L3", fp, task_id="crashed", worker="dead", lease_seconds=60)
+    IdempotencyKey.objects.filter(key="lease:L3").update(lease_expires_at=timezone.now() - dt.timedelta(seconds=1))
+    assert leased.apply(("L3", 0), task_id="next").get() == "L3"
+    key = IdempotencyKey.objects.get(key="lease:L3")
+    assert (key.state, key.attempts, key.task_id) == ("done", 2, "next")
+    assert key.token != crashed.token
+    # The crashed holder can no longer complete or renew.
+    assert not ledger.complete(crashed, "late")
+    assert not ledger.renew(crashed, 10)
+
+
+def test_an_invalid_key_callable_fails_at_enqueue_with_the_reason() -> None:
+    with pytest.raises(InvalidIdempotencyKey, match="idempotency_key callable of task 'tests.testapp.tasks.charge' failed"):
+        charge.delay()
+
+
+def test_results_that_json_cannot_hold_are_stored_as_null() -> None:
+    assert ledger.encode_result("t", object()) is None
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    assert ledger.decode_result(ledger.encode_result("t", {"at": when})) == {"at": when}
+    with override_settings(RELIABLE_TASKS_MAX_RESULT_BYTES=10):
+        assert ledger.encode_result("t", "x" * 100) is None
+
+
+def test_prune_removes_only_keys_past_retention() -> None:
+    record.apply(("old",), task_id="old")
+    record.apply(("new",), task_id="new")
+    long_ago = timezone.now() - dt.timedelta(days=8)
+    IdempotencyKey.objects.filter(key="old").update(completed_at=long_ago)
+    held = ledger.claim("t", "abandoned", "f", task_id="x", worker="w", lease_seconds=1)
+    IdempotencyKey.objects.filter(key="abandoned").update(lease_expires_at=long_ago)
+    ledger.claim("t", "live", "f", task_id="y", worker="w", lease_seconds=60)
+    assert held.owned
+    assert ledger.prune(limit=100) == 2
+    assert sorted(IdempotencyKey.objects.values_list("key", flat=True)) == ["live", "new"]
