@@ -26,23 +26,71 @@ class Setting:
 
 
 SETTINGS: dict[str, Setting] = {
-    "DATABASE": Setting("default", (str,), "Database alias that holds the outbox, ledger and dead tasks."),
-    "MAX_PAYLOAD_BYTES": Setting(256 * KiB, (int,), "Largest encoded task (body and headers) accepted at enqueue."),
-    "OUTBOX_RETENTION": Setting(timedelta(days=7), (timedelta,), "How long dispatched outbox rows are kept as an audit trail."),
-    "RELAY_BATCH_SIZE": Setting(500, (int,), "Rows a relay claims, publishes and confirms per batch."),
-    "RELAY_POLL_INTERVAL": Setting(1.0, (int, float), "Seconds a relay sleeps when it was not woken (polling fallback)."),
-    "RELAY_CONFIRM_TIMEOUT": Setting(30.0, (int, float), "Seconds a relay waits for the broker's confirms of one batch."),
-    "RELAY_HEARTBEAT_INTERVAL": Setting(5.0, (int, float), "Seconds between two heartbeats of a relay."),
-    "RELAY_PRUNE_INTERVAL": Setting(60.0, (int, float), "Seconds between two pruning passes of a relay; 0 turns them off."),
-    "RELAY_RECONNECT_BACKOFF": Setting((0.5, 30.0), (tuple, list), "(base, cap) in seconds of the relay's jittered reconnect backoff."),
-    "RELAY_PUBLISH_RETRY_BACKOFF": Setting((1.0, 300.0), (tuple, list), "(base, cap) in seconds before a refused or returned message is published again."),
-    "RELAY_IN_WORKER": Setting(False, (bool,), "Run a relay thread inside each Celery worker (small deployments)."),
-    "IDEMPOTENCY_RETENTION": Setting(timedelta(days=7), (timedelta,), "How long a completed idempotency key keeps refusing to run again."),
-    "LEASE_SECONDS": Setting(300.0, (int, float), "Lease of a lease-mode key; a holder that stops renewing loses it after this."),
-    "MAX_RESULT_BYTES": Setting(64 * KiB, (int,), "Largest task result the ledger stores for duplicates; larger results are stored as null."),
-    "CACHE_ALIAS": Setting("default", (str, type(None)), "Django cache that remembers completed keys (a fast path, never the truth); None turns it off."),
+    "DATABASE": Setting(
+        "default", (str,), "Database alias that holds the outbox, ledger and dead tasks."
+    ),
+    "MAX_PAYLOAD_BYTES": Setting(
+        256 * KiB, (int,), "Largest encoded task (body and headers) accepted at enqueue."
+    ),
+    "OUTBOX_RETENTION": Setting(
+        timedelta(days=7),
+        (timedelta,),
+        "How long dispatched outbox rows are kept as an audit trail.",
+    ),
+    "RELAY_BATCH_SIZE": Setting(
+        500, (int,), "Rows a relay claims, publishes and confirms per batch."
+    ),
+    "RELAY_POLL_INTERVAL": Setting(
+        1.0, (int, float), "Seconds a relay sleeps when it was not woken (polling fallback)."
+    ),
+    "RELAY_CONFIRM_TIMEOUT": Setting(
+        30.0, (int, float), "Seconds a relay waits for the broker's confirms of one batch."
+    ),
+    "RELAY_HEARTBEAT_INTERVAL": Setting(
+        5.0, (int, float), "Seconds between two heartbeats of a relay."
+    ),
+    "RELAY_PRUNE_INTERVAL": Setting(
+        60.0, (int, float), "Seconds between two pruning passes of a relay; 0 turns them off."
+    ),
+    "RELAY_RECONNECT_BACKOFF": Setting(
+        (0.5, 30.0),
+        (tuple, list),
+        "(base, cap) in seconds of the relay's jittered reconnect backoff.",
+    ),
+    "RELAY_PUBLISH_RETRY_BACKOFF": Setting(
+        (1.0, 300.0),
+        (tuple, list),
+        "(base, cap) in seconds before a refused or returned message is published again.",
+    ),
+    "RELAY_IN_WORKER": Setting(
+        False, (bool,), "Run a relay thread inside each Celery worker (small deployments)."
+    ),
+    "IDEMPOTENCY_RETENTION": Setting(
+        timedelta(days=7),
+        (timedelta,),
+        "How long a completed idempotency key keeps refusing to run again.",
+    ),
+    "LEASE_SECONDS": Setting(
+        300.0,
+        (int, float),
+        "Lease of a lease-mode key; a holder that stops renewing loses it after this.",
+    ),
+    "MAX_RESULT_BYTES": Setting(
+        64 * KiB,
+        (int,),
+        "Largest task result the ledger stores for duplicates; larger results are stored as null.",
+    ),
+    "CACHE_ALIAS": Setting(
+        "default",
+        (str, type(None)),
+        "Django cache that remembers completed keys (a fast path, never the truth); None turns it off.",
+    ),
     "PRUNE_BATCH_SIZE": Setting(1000, (int,), "Rows deleted per statement when pruning."),
-    "CELERY_APP": Setting(None, (str, type(None)), "Dotted path 'module:attribute' of the Celery app; default: Celery's current app."),
+    "CELERY_APP": Setting(
+        None,
+        (str, type(None)),
+        "Dotted path 'module:attribute' of the Celery app; default: Celery's current app.",
+    ),
 }
 
 
@@ -56,7 +104,9 @@ class Settings:
             raise AttributeError(f"reliable_tasks has no setting {name!r}") from None
         value = getattr(django_settings, f"RELIABLE_TASKS_{name}", spec.default)
         # bool is an int subclass; a True batch size is a mistake worth naming.
-        if not isinstance(value, spec.types) or (isinstance(value, bool) and bool not in spec.types):
+        if not isinstance(value, spec.types) or (
+            isinstance(value, bool) and bool not in spec.types
+        ):
             expected = " or ".join(t.__name__ for t in spec.types)
             raise ImproperlyConfigured(
                 f"RELIABLE_TASKS_{name} must be {expected}, not {type(value).__name__} "
@@ -67,9 +117,16 @@ class Settings:
     def backoff_pair(self, name: str) -> tuple[float, float]:
         """Read a ``(base, cap)`` setting and check its shape."""
         value = getattr(self, name)
-        if len(value) != 2 or not all(isinstance(v, int | float) and v > 0 for v in value):
+        if (
+            len(value) != 2
+            or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value
+            )
+            or value[0] > value[1]
+        ):
             raise ImproperlyConfigured(
-                f"RELIABLE_TASKS_{name} must be (base, cap) in seconds, two positive numbers; got {value!r}."
+                f"RELIABLE_TASKS_{name} must be (base, cap) in seconds, two positive numbers with "
+                f"base <= cap; got {value!r}."
             )
         return float(value[0]), float(value[1])
 

@@ -50,7 +50,9 @@ class Claim:
 
 def fingerprint(args: Any, kwargs: Any) -> str:
     """SHA-256 of the arguments, as canonical JSON (the same values give the same digest)."""
-    data = kombu_json.dumps([list(args or ()), dict(kwargs or {})], sort_keys=True, separators=(",", ":"))
+    data = kombu_json.dumps(
+        [list(args or ()), dict(kwargs or {})], sort_keys=True, separators=(",", ":")
+    )
     return hashlib.sha256(data.encode()).hexdigest()
 
 
@@ -87,7 +89,7 @@ def claim(
           AND {table}.{q("lease_expires_at")} <= %s
           AND {table}.{q("fingerprint")} = EXCLUDED.{q("fingerprint")}
         RETURNING {q("token")}
-    """  # noqa: S608 - identifiers come from the model, values are parameters
+    """
     stamp = ops.adapt_datetimefield_value
     params = [
         task_name, key, LedgerState.RUNNING, fingerprint, token, stamp(lease_until), task_id,
@@ -97,7 +99,9 @@ def claim(
         cursor.execute(sql, params)
         row = cursor.fetchone()
     if row is not None and row[0] == token:
-        return Claim(task_name, key, token, True, LedgerState.RUNNING, fingerprint, None, lease_until)
+        return Claim(
+            task_name, key, token, True, LedgerState.RUNNING, fingerprint, None, lease_until
+        )
     existing = (
         IdempotencyKey.objects.using(conf.DATABASE)
         .filter(task_name=task_name, key=key)
@@ -105,7 +109,16 @@ def claim(
         .get()
     )
     state, stored_fingerprint, result, lease_expires_at = existing
-    return Claim(task_name, key, token, False, state, stored_fingerprint, decode_result(result), lease_expires_at)
+    return Claim(
+        task_name,
+        key,
+        token,
+        False,
+        state,
+        stored_fingerprint,
+        decode_result(result),
+        lease_expires_at,
+    )
 
 
 def complete(claim: Claim, result: Any) -> bool:
@@ -130,7 +143,9 @@ def renew(claim: Claim, lease_seconds: float) -> bool:
     now = timezone.now()
     updated = (
         IdempotencyKey.objects.using(conf.DATABASE)
-        .filter(task_name=claim.task_name, key=claim.key, token=claim.token, state=LedgerState.RUNNING)
+        .filter(
+            task_name=claim.task_name, key=claim.key, token=claim.token, state=LedgerState.RUNNING
+        )
         .update(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
     )
     return updated == 1
@@ -151,11 +166,15 @@ def prune(*, limit: int, now: datetime | None = None) -> int:
     """
     cutoff = (now or timezone.now()) - conf.IDEMPOTENCY_RETENTION
     keys = IdempotencyKey.objects.using(conf.DATABASE)
-    ids = list(keys.filter(state=LedgerState.DONE, completed_at__lt=cutoff).values_list("pk", flat=True)[:limit])
-    if len(ids) < limit:
-        ids += keys.filter(state=LedgerState.RUNNING, lease_expires_at__lt=cutoff).values_list("pk", flat=True)[
-            : limit - len(ids)
+    ids = list(
+        keys.filter(state=LedgerState.DONE, completed_at__lt=cutoff).values_list("pk", flat=True)[
+            :limit
         ]
+    )
+    if len(ids) < limit:
+        ids += keys.filter(state=LedgerState.RUNNING, lease_expires_at__lt=cutoff).values_list(
+            "pk", flat=True
+        )[: limit - len(ids)]
     if not ids:
         return 0
     deleted, _ = keys.filter(pk__in=ids).delete()
@@ -171,7 +190,11 @@ def encode_result(task_name: str, result: Any) -> Any:
     try:
         text = kombu_json.dumps(result)
     except (TypeError, ValueError):
-        logger.warning("task %s returned a %s, which JSON cannot encode; duplicates will get None", task_name, type(result).__name__)
+        logger.warning(
+            "task %s returned a %s, which JSON cannot encode; duplicates will get None",
+            task_name,
+            type(result).__name__,
+        )
         return None
     if len(text.encode()) > conf.MAX_RESULT_BYTES:
         logger.warning(
@@ -210,7 +233,7 @@ class DoneCache:
             return None
         try:
             value = caches[alias].get(self._cache_key(task_name, key))
-        except Exception as exc:  # noqa: BLE001 - a cache outage must not fail the task
+        except Exception as exc:
             self._failed(exc)
             return None
         self._recovered()
@@ -225,8 +248,10 @@ class DoneCache:
             return
         timeout = conf.IDEMPOTENCY_RETENTION.total_seconds()
         try:
-            caches[alias].set(self._cache_key(task_name, key), (fingerprint, stored_result), timeout)
-        except Exception as exc:  # noqa: BLE001 - a cache outage must not fail the task
+            caches[alias].set(
+                self._cache_key(task_name, key), (fingerprint, stored_result), timeout
+            )
+        except Exception as exc:
             self._failed(exc)
             return
         self._recovered()

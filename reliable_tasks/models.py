@@ -21,7 +21,9 @@ class OutboxMessage(models.Model):
     id = models.BigAutoField(primary_key=True)
     task_id = models.CharField(max_length=255, db_index=True)
     task_name = models.CharField(max_length=255)
-    queue = models.CharField(max_length=255, blank=True, help_text="Queue to declare before publishing.")
+    queue = models.CharField(
+        max_length=255, blank=True, help_text="Queue to declare before publishing."
+    )
     exchange = models.CharField(max_length=255, blank=True)
     routing_key = models.CharField(max_length=255, blank=True)
     headers = models.JSONField()
@@ -29,7 +31,9 @@ class OutboxMessage(models.Model):
     body = models.TextField()
     content_type = models.CharField(max_length=100)
     content_encoding = models.CharField(max_length=32)
-    status = models.CharField(max_length=16, choices=OutboxStatus.choices, default=OutboxStatus.PENDING)
+    status = models.CharField(
+        max_length=16, choices=OutboxStatus.choices, default=OutboxStatus.PENDING
+    )
     created_at = models.DateTimeField(default=timezone.now)
     due_at = models.DateTimeField(default=timezone.now, help_text="Not published before this time.")
     dispatched_at = models.DateTimeField(null=True, blank=True)
@@ -91,11 +95,15 @@ class IdempotencyKey(models.Model):
     task_name = models.CharField(max_length=255)
     key = models.CharField(max_length=255)
     state = models.CharField(max_length=16, choices=LedgerState.choices)
-    fingerprint = models.CharField(max_length=64, help_text="SHA-256 of the arguments first used with the key.")
+    fingerprint = models.CharField(
+        max_length=64, help_text="SHA-256 of the arguments first used with the key."
+    )
     token = models.CharField(max_length=32, help_text="Identifies the current holder's claim.")
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=1)
-    task_id = models.CharField(max_length=255, blank=True, help_text="The execution that holds or completed the key.")
+    task_id = models.CharField(
+        max_length=255, blank=True, help_text="The execution that holds or completed the key."
+    )
     worker = models.CharField(max_length=255, blank=True)
     result = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -105,10 +113,16 @@ class IdempotencyKey(models.Model):
     class Meta:
         db_table = "reliable_tasks_ledger"
         verbose_name = "idempotency key"
-        constraints = [models.UniqueConstraint(fields=["task_name", "key"], name="rt_ledger_task_key")]
+        constraints = [
+            models.UniqueConstraint(fields=["task_name", "key"], name="rt_ledger_task_key")
+        ]
         indexes = [
             models.Index(fields=["completed_at"], name="rt_ledger_completed"),
-            models.Index(fields=["lease_expires_at"], name="rt_ledger_lease", condition=models.Q(state="running")),
+            models.Index(
+                fields=["lease_expires_at"],
+                name="rt_ledger_lease",
+                condition=models.Q(state="running"),
+            ),
         ]
 
     def __str__(self) -> str:

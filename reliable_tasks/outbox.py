@@ -50,7 +50,15 @@ class CapturedMessage:
 
 
 class _NoConnection:
-    """Stands where Celery expects the producer's broker connection; there is none."""
+    """Stands where Celery expects the producer's broker connection; there is none.
+
+    Celery's retry around callback publishing (chains, ``link``) asks which errors are
+    recoverable; with no broker I/O, none are.
+    """
+
+    recoverable_connection_errors: tuple[type[BaseException], ...] = ()
+    connection_errors: tuple[type[BaseException], ...] = ()
+    channel_errors: tuple[type[BaseException], ...] = ()
 
     def _reraise_as_library_errors(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
@@ -87,9 +95,9 @@ class CapturingProducer:
         name = self.task_name
         if serializer not in (None, SERIALIZER):
             raise UnsupportedOption(
-                f"task {name!r} is set to the {serializer!r} serializer; reliable tasks travel as JSON "
-                f"only (pickle can run code on the worker). Remove serializer={serializer!r} from the "
-                "task or call, or set task_serializer = 'json'."
+                f"task {name!r} was called with serializer={serializer!r}; reliable tasks travel as "
+                "JSON only (the outbox stores text, and pickle can run code on the worker). Remove "
+                "the serializer option from the call or the task."
             )
         if compression:
             raise UnsupportedOption(
@@ -108,7 +116,7 @@ class CapturingProducer:
         limit = conf.MAX_PAYLOAD_BYTES
         if size > limit:
             raise PayloadTooLarge(
-                f"task {name!r} args are {_human(size)}; the limit is "
+                f"task {name!r} is {_human(size)} encoded (arguments and headers); the limit is "
                 f"RELIABLE_TASKS_MAX_PAYLOAD_BYTES = {_human(limit)}. Store large data elsewhere "
                 "(a table, object storage) and pass its key. Nothing was written to the outbox."
             )
@@ -177,8 +185,8 @@ def _not_serializable(task_name: str, value: Any, what: str = "") -> PayloadNotS
     if len(shown) > 80:
         shown = shown[:77] + "..."
     return PayloadNotSerializable(
-        f"task {task_name!r} cannot be enqueued: {path} is a {type(bad).__name__} ({shown}), which "
-        "JSON cannot encode. Pass str, int, float, bool, None, list, dict, datetime, date, time, "
+        f"task {task_name!r} cannot be enqueued: {path} = {shown} (type {type(bad).__name__}) "
+        "cannot be encoded as JSON. Pass str, int, float, bool, None, list, dict, datetime, date, time, "
         "UUID or Decimal values (for a model instance, its primary key). Nothing was written to "
         "the outbox; the transaction is still usable."
     )
@@ -233,7 +241,7 @@ def _due_at(eta: str | None) -> datetime:
 
 def _human(size: int) -> str:
     if size >= 1024 * 1024:
-        return f"{size / (1024 * 1024):.1f} MB"
+        return f"{size / (1024 * 1024):.1f} MiB"
     if size >= 1024:
         return f"{size / 1024:.0f} KiB"
     return f"{size} bytes"

@@ -10,6 +10,7 @@ transaction rolls back and the rows are published again: at least once, never lo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import amqp
 from celery import Celery
@@ -29,7 +30,7 @@ from django.db.models import F, Min
 from django.utils import timezone
 from kombu import Connection, Producer, Queue
 
-from . import outbox
+from . import ledger, outbox
 from .conf import conf
 from .models import OutboxMessage, OutboxStatus, RelayHeartbeat
 from .retry import backoff
@@ -80,7 +81,7 @@ def get_celery_app() -> Celery:
     if path is None:
         from celery import current_app
 
-        return current_app._get_current_object()  # type: ignore[no-any-return]
+        return cast(Celery, current_app._get_current_object())  # type: ignore[attr-defined]
     from django.utils.module_loading import import_string
 
     return import_string(path.replace(":", "."))  # type: ignore[no-any-return]
@@ -101,8 +102,10 @@ class Publisher:
             transport_options={"confirm_publish": False}
         )
         self.connection.connect()
-        self.channel = self.connection.channel()
+        # A py-amqp channel on RabbitMQ (confirms), a virtual kombu channel elsewhere.
+        self.channel: Any = self.connection.channel()
         self._declared: set[str] = set()
+        self._exchanges: set[str] = set()
         self._confirms = isinstance(self.channel, amqp.Channel)
         if self._confirms:
             self._setup_confirms()
@@ -129,7 +132,7 @@ class Publisher:
     def close(self) -> None:
         try:
             self.connection.release()
-        except Exception:  # noqa: BLE001 - closing a broken connection may fail in many ways
+        except Exception:
             logger.debug("error while closing the broker connection", exc_info=True)
 
     def publish_batch(self, rows: Sequence[Row], timeout: float) -> BatchOutcome:
@@ -138,14 +141,18 @@ class Publisher:
             return self._publish_unconfirmed(rows)
         outcome = self._outcome = BatchOutcome()
         self._returned = set()
+        missing = self._missing_exchanges({row.exchange for row in rows})
         by_task: dict[str, list[int]] = {}
         for row in rows:
+            if row.exchange in missing:
+                outcome.failed[row.id] = f"refused by the broker: {missing[row.exchange]}"
+                continue
             try:
                 self._declare(row.queue)
                 message, exchange, routing_key = self._message(row)
             except self.errors:
                 raise
-            except Exception as exc:  # noqa: BLE001 - one bad row must not stop the batch
+            except Exception as exc:
                 outcome.failed[row.id] = f"cannot build the message: {exc!r}"
                 continue
             self.channel.basic_publish(
@@ -187,6 +194,25 @@ class Publisher:
             )
             outcome.confirmed.append(row.id)
         return outcome
+
+    def _missing_exchanges(self, names: set[str]) -> dict[str, str]:
+        """Exchanges of a batch that do not exist, with the broker's words.
+
+        Publishing to a missing exchange closes the channel and fails the whole batch, so each
+        exchange is probed once per connection, on a channel of its own, before it is used.
+        """
+        missing: dict[str, str] = {}
+        for name in names - self._exchanges - {""}:
+            probe: Any = self.connection.channel()
+            try:
+                probe.exchange_declare(name, "direct", passive=True)
+                self._exchanges.add(name)
+            except self.channel_errors as exc:
+                missing[name] = str(exc)
+            finally:
+                with contextlib.suppress(*self.errors):
+                    probe.close()
+        return missing
 
     def _declare(self, queue_name: str) -> None:
         if not queue_name or queue_name in self._declared:
@@ -245,11 +271,15 @@ class Waker:
 
     def __init__(self, alias: str) -> None:
         self._conn: Any = None
+        # The listening connection is a raw driver connection: wrap its errors as Django's,
+        # so that the relay's loop treats a lost listener like any database outage.
+        self._errors = connections[alias].wrap_database_errors
         wrapper = connections[alias]
         if wrapper.vendor == "postgresql":
-            self._conn = wrapper.get_new_connection(wrapper.get_connection_params())
-            self._conn.autocommit = True
-            self._conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            with self._errors:
+                self._conn = wrapper.get_new_connection(wrapper.get_connection_params())
+                self._conn.autocommit = True
+                self._conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
 
     def wait(self, timeout: float, stop: threading.Event) -> bool:
         """Wait up to ``timeout`` seconds; True if woken by a notification."""
@@ -262,11 +292,12 @@ class Waker:
             if remaining <= 0:
                 return False
             # Short slices so that stop() is honoured within half a second.
-            if self._received(min(remaining, 0.5)):
-                # Several commits may have notified; one claim serves them all.
-                while self._received(0):
-                    pass
-                return True
+            with self._errors:
+                if self._received(min(remaining, 0.5)):
+                    # Several commits may have notified; one claim serves them all.
+                    while self._received(0):
+                        pass
+                    return True
         return False
 
     def _received(self, timeout: float) -> bool:
@@ -279,7 +310,10 @@ class Waker:
 
     def close(self) -> None:
         if self._conn is not None:
-            self._conn.close()
+            try:
+                self._conn.close()
+            except Exception:
+                logger.debug("error while closing the listening connection", exc_info=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,29 +361,38 @@ class Relay:
         """Relay until ``stop()``; reconnect to the broker and the database as needed."""
         logger.info("relay %s started (batch %d)", self.name, conf.RELAY_BATCH_SIZE)
         waker: Waker | None = None
+        database_failures = 0
         try:
             while not self.stopping:
                 try:
                     if waker is None:
                         waker = Waker(self.alias)
                     self._housekeeping()
-                    sent, full = self._batch()
+                    _, full = self._batch()
                     if full:
                         continue
                     waker.wait(self._idle_timeout(), self._stop)
                 except DatabaseError as exc:
-                    logger.warning("relay %s: database error, retrying: %s", self.name, exc)
+                    database_failures += 1
+                    logger.warning(
+                        "relay %s: database unavailable (%s); retrying (attempt %d)",
+                        self.name, exc, database_failures,
+                    )  # fmt: skip
                     if waker is not None:
                         waker.close()
                         waker = None
                     connections[self.alias].close()
-                    self._pause(self._broker_failures + 1)
+                    self._pause(database_failures)
+                else:
+                    database_failures = 0
         finally:
             if waker is not None:
                 waker.close()
             self._close_publisher()
             self._beat(stopped=True)
-            logger.info("relay %s stopped; %d messages dispatched", self.name, self.dispatched_total)
+            logger.info(
+                "relay %s stopped; %d messages dispatched", self.name, self.dispatched_total
+            )
 
     def close(self) -> None:
         """Release the broker connection (``run()`` does this itself when it ends)."""
@@ -410,11 +453,18 @@ class Relay:
     def _channel_failed(self, rows: Sequence[Row], exc: BaseException) -> None:
         self._close_publisher()
         if len(rows) == 1:
-            logger.warning("relay %s: the broker refused outbox row %d: %s", self.name, rows[0].id, exc)
+            logger.warning(
+                "relay %s: the broker refused outbox row %d: %s", self.name, rows[0].id, exc
+            )
             self._mark(rows, BatchOutcome(failed={rows[0].id: f"refused by the broker: {exc}"}))
             self._isolate = max(0, self._isolate - 1)
         else:
-            logger.warning("relay %s: channel error in a batch of %d (%s); retrying them one by one", self.name, len(rows), exc)
+            logger.warning(
+                "relay %s: channel error in a batch of %d (%s); retrying them one by one",
+                self.name,
+                len(rows),
+                exc,
+            )
             self._isolate = len(rows)
 
     @contextmanager
@@ -423,7 +473,11 @@ class Relay:
         # never publish the same row twice. SQLite has no row locks and one relay; a long
         # write transaction there would only block producers.
         features = connections[self.alias].features
-        with transaction.atomic(using=self.alias) if features.has_select_for_update_skip_locked else nullcontext():
+        with (
+            transaction.atomic(using=self.alias)
+            if features.has_select_for_update_skip_locked
+            else nullcontext()
+        ):
             yield
 
     def _claim(self, size: int) -> list[Row]:
@@ -451,7 +505,9 @@ class Relay:
             attempts = {row.id: row.publish_attempts + 1 for row in rows}
             for row_id, reason in outcome.failed.items():
                 delay = backoff(attempts[row_id], base=base, cap=cap, jitter="equal")
-                logger.warning("outbox row %d not published (%s); next try in %.1f s", row_id, reason, delay)
+                logger.warning(
+                    "outbox row %d not published (%s); next try in %.1f s", row_id, reason, delay
+                )
                 messages.filter(pk=row_id).update(
                     publish_attempts=attempts[row_id],
                     last_error=reason,
@@ -465,7 +521,7 @@ class Relay:
             return self._publisher
         try:
             self._publisher = Publisher(self.app)
-        except Exception as exc:  # noqa: BLE001 - any failure to connect means: wait and retry
+        except Exception as exc:
             self._broker_failed(exc)
             return None
         if self._broker_failures:
@@ -500,7 +556,11 @@ class Relay:
             .aggregate(next_due=Min("due_at"))["next_due"]
         )
         if next_due is not None:
-            timeout = min(timeout, max(0.0, (next_due - timezone.now()).total_seconds()))
+            until_due = (next_due - timezone.now()).total_seconds()
+            # A due row this relay did not claim is locked by another relay, which will
+            # publish it: wait for news rather than spinning on it.
+            if until_due > 0:
+                timeout = min(timeout, until_due)
         return min(timeout, max(0.0, self._next_heartbeat - time.monotonic()))
 
     def _due_count(self) -> int:
@@ -518,9 +578,12 @@ class Relay:
         interval = conf.RELAY_PRUNE_INTERVAL
         if interval and now >= self._next_prune:
             self._next_prune = now + interval
-            deleted = outbox.prune(limit=conf.PRUNE_BATCH_SIZE)
-            if deleted:
-                logger.info("relay %s pruned %d dispatched outbox rows", self.name, deleted)
+            rows = outbox.prune(limit=conf.PRUNE_BATCH_SIZE)
+            keys = ledger.prune(limit=conf.PRUNE_BATCH_SIZE)
+            if rows or keys:
+                logger.info(
+                    "relay %s pruned %d outbox rows and %d idempotency keys", self.name, rows, keys
+                )
 
     def _beat(self, stopped: bool = False) -> None:
         now = timezone.now()
@@ -533,7 +596,9 @@ class Relay:
             "stopped_at": now if stopped else None,
         }
         try:
-            RelayHeartbeat.objects.using(self.alias).update_or_create(name=self.name, defaults=values)
+            RelayHeartbeat.objects.using(self.alias).update_or_create(
+                name=self.name, defaults=values
+            )
         except DatabaseError:
             if not stopped:
                 raise

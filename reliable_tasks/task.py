@@ -12,9 +12,10 @@ import random
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from celery import Task, shared_task
+from celery.backends.rpc import RPCBackend
 from celery.exceptions import Ignore, Reject
 from celery.result import AsyncResult
 from django.core.exceptions import ImproperlyConfigured
@@ -23,7 +24,13 @@ from django.utils import timezone
 
 from . import outbox, signals
 from .conf import conf
-from .exceptions import IdempotencyKeyReused, InvalidIdempotencyKey, LeaseLost, ReliableTasksError
+from .exceptions import (
+    IdempotencyKeyReused,
+    InvalidIdempotencyKey,
+    LeaseLost,
+    ReliableTasksError,
+    UnsupportedOption,
+)
 
 if TYPE_CHECKING:
     from .ledger import Claim
@@ -40,7 +47,7 @@ DATABASE_DOWN_PAUSE = 1.0
 KeyFunc = Callable[..., Any]
 
 
-class ReliableTask(Task):  # type: ignore[misc]  # celery-types leaves Task's base untyped
+class ReliableTask(Task[Any, Any]):
     """A Celery task that is enqueued through the outbox and runs once per idempotency key.
 
     Options (as ``@reliable_task(...)`` or ``@shared_task(base=ReliableTask, ...)`` keywords):
@@ -98,7 +105,7 @@ class ReliableTask(Task):  # type: ignore[misc]  # celery-types leaves Task's ba
         link_error: Any = None,
         shadow: str | None = None,
         **options: Any,
-    ) -> AsyncResult:
+    ) -> AsyncResult[Any]:
         """Write the task to the outbox in the current transaction; return its result handle.
 
         Takes the same arguments as Celery's ``apply_async``. ``producer`` is ignored: the relay
@@ -112,13 +119,23 @@ class ReliableTask(Task):  # type: ignore[misc]  # celery-types leaves Task's ba
                 args, kwargs, task_id=task_id, producer=producer, link=link,
                 link_error=link_error, shadow=shadow, **options,
             )  # fmt: skip
+        if isinstance(self.backend, RPCBackend) and not options.get(
+            "ignore_result", self.ignore_result
+        ):
+            raise UnsupportedOption(
+                f"task {self.name!r}: the rpc:// result backend replies over the caller's broker "
+                "channel, and enqueueing through the outbox opens none. Use another result backend "
+                "(redis, a database) or ignore_result=True."
+            )
         capture = outbox.CapturingProducer(self.name)
-        result: AsyncResult = super().apply_async(
-            args, kwargs, task_id=task_id, producer=capture, link=link,
+        result: AsyncResult[Any] = super().apply_async(
+            args, kwargs, task_id=task_id, producer=cast(Any, capture), link=link,
             link_error=link_error, shadow=shadow, **options,
         )  # fmt: skip
         if capture.message is None:
-            raise ReliableTasksError(f"Celery built no message for task {self.name!r}; nothing was enqueued")
+            raise ReliableTasksError(
+                f"Celery built no message for task {self.name!r}; nothing was enqueued"
+            )
         outbox.write(capture.message)
         return result
 
@@ -158,9 +175,13 @@ class ReliableTask(Task):  # type: ignore[misc]  # celery-types leaves Task's ba
 
         claim = getattr(self.request, "reliable_claim", None)
         if claim is None:
-            raise ReliableTasksError("renew_lease() is for lease-mode tasks (atomic=False) while they run")
+            raise ReliableTasksError(
+                "renew_lease() is for lease-mode tasks (atomic=False) while they run"
+            )
         if not ledger.renew(claim, seconds or self._lease_seconds()):
-            raise LeaseLost(f"task {self.name!r} lost idempotency key {claim.key!r}: its lease expired and another execution took over")
+            raise LeaseLost(
+                f"task {self.name!r} lost idempotency key {claim.key!r}: its lease expired and another execution took over"
+            )
 
     def _lease_seconds(self) -> float:
         return float(self.lease or conf.LEASE_SECONDS)
@@ -172,26 +193,36 @@ def _execute(task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     name = task.name
     key = task.key_for(args, kwargs)
     fingerprint = ledger.fingerprint(args, kwargs)
-    task.request.idempotency_key = key
+    # Celery's request context takes any attribute; the task reads the key back from it.
+    cast(Any, task.request).idempotency_key = key
     hit = ledger.done_cache.get(name, key)
     if hit is not None:
         stored_fingerprint, stored = hit
-        return _duplicate(task, key, fingerprint, stored_fingerprint, ledger.decode_result(stored), cached=True)
+        return _duplicate(
+            task, key, fingerprint, stored_fingerprint, ledger.decode_result(stored), cached=True
+        )
     worker = task.request.hostname or socket.gethostname()
-    claim_args = {"task_id": str(task.request.id), "worker": worker, "lease_seconds": task._lease_seconds()}
+    task_id = str(task.request.id)
+    lease = task._lease_seconds()
     try:
         if task.atomic:
             with transaction.atomic(using=conf.DATABASE):
-                claim = ledger.claim(name, key, fingerprint, **claim_args)
+                claim = ledger.claim(
+                    name, key, fingerprint, task_id=task_id, worker=worker, lease_seconds=lease
+                )
                 if claim.owned:
                     return _run_atomic(task, claim, fingerprint, args, kwargs)
         else:
             with transaction.atomic(using=conf.DATABASE):
-                claim = ledger.claim(name, key, fingerprint, **claim_args)
+                claim = ledger.claim(
+                    name, key, fingerprint, task_id=task_id, worker=worker, lease_seconds=lease
+                )
     except (OperationalError, InterfaceError) as exc:
         # The database is the ledger: without it nothing may run, and in atomic mode whatever
         # ran was rolled back. Put the message back for when the database returns.
-        logger.warning("task %s[%s]: database unavailable (%s); message requeued", name, task.request.id, exc)
+        logger.warning(
+            "task %s[%s]: database unavailable (%s); message requeued", name, task.request.id, exc
+        )
         time.sleep(DATABASE_DOWN_PAUSE)
         raise Reject(exc, requeue=True) from exc
     if not claim.owned:
@@ -206,7 +237,8 @@ def _run_atomic(task: ReliableTask, claim: Claim, fingerprint: str, args: Any, k
     stored = ledger.encode_result(task.name, result)
     ledger.complete(claim, stored)
     transaction.on_commit(
-        lambda: ledger.done_cache.set(task.name, claim.key, fingerprint, stored), using=conf.DATABASE
+        lambda: ledger.done_cache.set(task.name, claim.key, fingerprint, stored),
+        using=conf.DATABASE,
     )
     return result
 
@@ -214,7 +246,7 @@ def _run_atomic(task: ReliableTask, claim: Claim, fingerprint: str, args: Any, k
 def _run_leased(task: ReliableTask, claim: Claim, fingerprint: str, args: Any, kwargs: Any) -> Any:
     from . import ledger
 
-    task.request.reliable_claim = claim
+    cast(Any, task.request).reliable_claim = claim
     try:
         result = task.run(*args, **kwargs)
     except BaseException:
@@ -222,7 +254,9 @@ def _run_leased(task: ReliableTask, claim: Claim, fingerprint: str, args: Any, k
         try:
             ledger.release(claim)
         except (OperationalError, InterfaceError):
-            logger.warning("task %s: could not release key %r; its lease will expire", task.name, claim.key)
+            logger.warning(
+                "task %s: could not release key %r; its lease will expire", task.name, claim.key
+            )
         raise
     stored = ledger.encode_result(task.name, result)
     if ledger.complete(claim, stored):
@@ -237,10 +271,15 @@ def _run_leased(task: ReliableTask, claim: Claim, fingerprint: str, args: Any, k
 
 def _not_owned(task: ReliableTask, claim: Claim, fingerprint: str) -> Any:
     from . import ledger
+    from .models import LedgerState
 
-    if claim.state == ledger.LedgerState.DONE:
-        result = _duplicate(task, claim.key, fingerprint, claim.fingerprint, claim.result, cached=False)
-        ledger.done_cache.set(task.name, claim.key, claim.fingerprint, ledger.encode_result(task.name, claim.result))
+    if claim.state == LedgerState.DONE:
+        result = _duplicate(
+            task, claim.key, fingerprint, claim.fingerprint, claim.result, cached=False
+        )
+        ledger.done_cache.set(
+            task.name, claim.key, claim.fingerprint, ledger.encode_result(task.name, claim.result)
+        )
         return result
     if claim.fingerprint != fingerprint:
         raise _reused(task, claim.key, claim.fingerprint, fingerprint)
@@ -248,11 +287,26 @@ def _not_owned(task: ReliableTask, claim: Claim, fingerprint: str) -> Any:
     return None  # not reached: _defer raises
 
 
-def _duplicate(task: ReliableTask, key: str, fingerprint: str, stored_fingerprint: str, result: Any, *, cached: bool) -> Any:
+def _duplicate(
+    task: ReliableTask,
+    key: str,
+    fingerprint: str,
+    stored_fingerprint: str,
+    result: Any,
+    *,
+    cached: bool,
+) -> Any:
     if stored_fingerprint != fingerprint:
         raise _reused(task, key, stored_fingerprint, fingerprint)
-    logger.info("task %s[%s]: key %r already done; not run again, stored result returned", task.name, task.request.id, key)
-    signals.task_duplicate.send(sender=task.__class__, task=task, key=key, cached=cached)
+    logger.info(
+        "task %s[%s]: key %r already done; not run again, stored result returned",
+        task.name,
+        task.request.id,
+        key,
+    )
+    signals.task_duplicate.send(
+        sender=task.__class__, task=task, key=key, cached=cached, result=result
+    )
     return result
 
 
@@ -270,13 +324,16 @@ def _defer(task: ReliableTask, claim: Claim) -> None:
     if claim.lease_expires_at is not None:
         remaining = max(1.0, (claim.lease_expires_at - timezone.now()).total_seconds())
     # A little jitter keeps a crowd of deferred duplicates from arriving at one instant.
-    delay = remaining + random.uniform(0, 1)  # noqa: S311 - jitter, not security
+    delay = remaining + random.uniform(0, 1)
     logger.info(
         "task %s[%s]: key %r is held by a live lease; deferred by %.1f s",
         task.name, task.request.id, claim.key, delay,
     )  # fmt: skip
     signals.task_deferred.send(sender=task.__class__, task=task, key=claim.key, delay=delay)
-    task.signature_from_request(task.request, task.request.args, task.request.kwargs, countdown=delay).apply_async()
+    request = task.request
+    task.signature_from_request(
+        request, tuple(request.args or ()), dict(request.kwargs or {}), countdown=delay
+    ).apply_async()
     raise Ignore(f"deferred: key {claim.key!r} is held by another execution")
 
 

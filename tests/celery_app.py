@@ -6,8 +6,13 @@ import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
 
-from celery import Celery  # noqa: E402 - the settings module must be named first
+from celery import Celery
 
 app = Celery("tests")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["tests.testapp"])
+
+from reliable_tasks.worker import RelayStep  # noqa: E402 - after the app, as users would write it
+
+# Runs only where RELIABLE_TASKS_RELAY_IN_WORKER is on (RT_TEST_RELAY_IN_WORKER=1).
+app.steps["worker"].add(RelayStep)

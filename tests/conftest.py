@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -42,6 +42,15 @@ def _database_service(request: pytest.FixtureRequest) -> None:
         require("PostgreSQL", 5432)
 
 
+@pytest.fixture(autouse=True)
+def _forget_done_keys() -> None:
+    """The database is flushed between tests; the cache of done keys must be too."""
+    if service_reachable(6379):
+        from django.core.cache import cache
+
+        cache.clear()
+
+
 @pytest.fixture
 def broker(rabbitmq: None) -> Iterator[Broker]:
     """The test session's queues on the local RabbitMQ, purged before the test."""
@@ -72,7 +81,5 @@ def processes(request: pytest.FixtureRequest) -> Iterator[ProcessFactory]:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if service_reachable(5672):
-        try:
+        with contextlib.suppress(OSError):
             Broker().delete_all()
-        except (OSError, socket.error):
-            pass

@@ -53,7 +53,10 @@ if DB == "sqlite":
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": os.environ.get("RT_TEST_DB_NAME", "test-reliable-tasks.sqlite3"),
             "TEST": {"NAME": os.environ.get("RT_TEST_DB_NAME", "test-reliable-tasks.sqlite3")},
-            "OPTIONS": {"init_command": "PRAGMA journal_mode=WAL;", "transaction_mode": "IMMEDIATE"},
+            "OPTIONS": {
+                "init_command": "PRAGMA journal_mode=WAL;",
+                "transaction_mode": "IMMEDIATE",
+            },
         }
     }
 else:
@@ -76,18 +79,21 @@ CACHES = {
 
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 CELERY_TASK_DEFAULT_QUEUE = os.environ["RT_TEST_QUEUE"]
-CELERY_TASK_ROUTES = {"tests.testapp.tasks.routed": {"queue": os.environ["RT_TEST_QUEUE"] + ".routed"}}
+CELERY_TASK_ROUTES = {
+    "tests.testapp.tasks.routed": {"queue": os.environ["RT_TEST_QUEUE"] + ".routed"}
+}
 
 RELIABLE_TASKS_RELAY_POLL_INTERVAL = float(os.environ.get("RT_TEST_RELAY_POLL_INTERVAL", "0.2"))
+RELIABLE_TASKS_RELAY_IN_WORKER = os.environ.get("RT_TEST_RELAY_IN_WORKER") == "1"
 RELIABLE_TASKS_RELAY_BATCH_SIZE = int(os.environ.get("RT_TEST_RELAY_BATCH_SIZE", "500"))
 RELIABLE_TASKS_RELAY_HEARTBEAT_INTERVAL = 1.0
 RELIABLE_TASKS_RELAY_RECONNECT_BACKOFF = (0.2, 2.0)
 RELIABLE_TASKS_RELAY_CONFIRM_TIMEOUT = 10.0
 
+# reliable_tasks logs at INFO through the root logger's handlers (the worker's, the relay's).
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "loggers": {"reliable_tasks": {"handlers": ["console"], "level": "INFO"}},
+    "loggers": {"reliable_tasks": {"level": "INFO"}},
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

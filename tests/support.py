@@ -30,7 +30,9 @@ def service_reachable(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = ""
+) -> Any:
     """Poll ``predicate`` until it returns something true; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -69,7 +71,9 @@ class Broker:
         _, count, _ = self.channel.queue_declare(name, passive=True)
         return int(count)
 
-    def get_all(self, name: str = QUEUE, expect: int | None = None, timeout: float = 10.0) -> list[Any]:
+    def get_all(
+        self, name: str = QUEUE, expect: int | None = None, timeout: float = 10.0
+    ) -> list[Any]:
         """Take messages off ``name`` (acknowledging them) until ``expect`` or the queue is empty."""
         messages: list[Any] = []
         deadline = time.monotonic() + timeout
@@ -115,7 +119,9 @@ class ProcessFactory:
     def relay(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         return self.start("-m", "django", "reliable_tasks", "relay", *extra, env=env)
 
-    def worker(self, *queues: str, concurrency: int = 1, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def worker(
+        self, *queues: str, concurrency: int = 1, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         return self.start(
             "-m", "celery", "-A", "tests.celery_app", "worker", "-l", "info",
             "-Q", ",".join(queues or (QUEUE,)), "-c", str(concurrency), "-P", "prefork",

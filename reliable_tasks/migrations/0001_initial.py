@@ -5,54 +5,91 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='RelayHeartbeat',
+            name="RelayHeartbeat",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(help_text='hostname:pid of the relay.', max_length=255, unique=True)),
-                ('hostname', models.CharField(max_length=255)),
-                ('pid', models.PositiveIntegerField()),
-                ('started_at', models.DateTimeField()),
-                ('last_seen_at', models.DateTimeField()),
-                ('dispatched_total', models.BigIntegerField(default=0)),
-                ('stopped_at', models.DateTimeField(blank=True, null=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "name",
+                    models.CharField(
+                        help_text="hostname:pid of the relay.", max_length=255, unique=True
+                    ),
+                ),
+                ("hostname", models.CharField(max_length=255)),
+                ("pid", models.PositiveIntegerField()),
+                ("started_at", models.DateTimeField()),
+                ("last_seen_at", models.DateTimeField()),
+                ("dispatched_total", models.BigIntegerField(default=0)),
+                ("stopped_at", models.DateTimeField(blank=True, null=True)),
             ],
             options={
-                'db_table': 'reliable_tasks_relay_heartbeat',
+                "db_table": "reliable_tasks_relay_heartbeat",
             },
         ),
         migrations.CreateModel(
-            name='OutboxMessage',
+            name="OutboxMessage",
             fields=[
-                ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('task_id', models.CharField(db_index=True, max_length=255)),
-                ('task_name', models.CharField(max_length=255)),
-                ('queue', models.CharField(blank=True, help_text='Queue to declare before publishing.', max_length=255)),
-                ('exchange', models.CharField(blank=True, max_length=255)),
-                ('routing_key', models.CharField(blank=True, max_length=255)),
-                ('headers', models.JSONField()),
-                ('properties', models.JSONField()),
-                ('body', models.TextField()),
-                ('content_type', models.CharField(max_length=100)),
-                ('content_encoding', models.CharField(max_length=32)),
-                ('status', models.CharField(choices=[('pending', 'pending'), ('dispatched', 'dispatched')], default='pending', max_length=16)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('due_at', models.DateTimeField(default=django.utils.timezone.now, help_text='Not published before this time.')),
-                ('dispatched_at', models.DateTimeField(blank=True, null=True)),
-                ('publish_attempts', models.PositiveIntegerField(default=0)),
-                ('last_error', models.TextField(blank=True)),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                ("task_id", models.CharField(db_index=True, max_length=255)),
+                ("task_name", models.CharField(max_length=255)),
+                (
+                    "queue",
+                    models.CharField(
+                        blank=True, help_text="Queue to declare before publishing.", max_length=255
+                    ),
+                ),
+                ("exchange", models.CharField(blank=True, max_length=255)),
+                ("routing_key", models.CharField(blank=True, max_length=255)),
+                ("headers", models.JSONField()),
+                ("properties", models.JSONField()),
+                ("body", models.TextField()),
+                ("content_type", models.CharField(max_length=100)),
+                ("content_encoding", models.CharField(max_length=32)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[("pending", "pending"), ("dispatched", "dispatched")],
+                        default="pending",
+                        max_length=16,
+                    ),
+                ),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "due_at",
+                    models.DateTimeField(
+                        default=django.utils.timezone.now,
+                        help_text="Not published before this time.",
+                    ),
+                ),
+                ("dispatched_at", models.DateTimeField(blank=True, null=True)),
+                ("publish_attempts", models.PositiveIntegerField(default=0)),
+                ("last_error", models.TextField(blank=True)),
             ],
             options={
-                'verbose_name': 'outbox message',
-                'db_table': 'reliable_tasks_outbox',
-                'indexes': [models.Index(condition=models.Q(('status', 'pending')), fields=['due_at', 'id'], name='rt_outbox_pending_due'), models.Index(condition=models.Q(('status', 'dispatched')), fields=['dispatched_at'], name='rt_outbox_dispatched')],
+                "verbose_name": "outbox message",
+                "db_table": "reliable_tasks_outbox",
+                "indexes": [
+                    models.Index(
+                        condition=models.Q(("status", "pending")),
+                        fields=["due_at", "id"],
+                        name="rt_outbox_pending_due",
+                    ),
+                    models.Index(
+                        condition=models.Q(("status", "dispatched")),
+                        fields=["dispatched_at"],
+                        name="rt_outbox_dispatched",
+                    ),
+                ],
             },
         ),
     ]

@@ -5,35 +5,65 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('reliable_tasks', '0002_outbox_notify_trigger'),
+        ("reliable_tasks", "0002_outbox_notify_trigger"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='IdempotencyKey',
+            name="IdempotencyKey",
             fields=[
-                ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('task_name', models.CharField(max_length=255)),
-                ('key', models.CharField(max_length=255)),
-                ('state', models.CharField(choices=[('running', 'running'), ('done', 'done')], max_length=16)),
-                ('fingerprint', models.CharField(help_text='SHA-256 of the arguments first used with the key.', max_length=64)),
-                ('token', models.CharField(help_text="Identifies the current holder's claim.", max_length=32)),
-                ('lease_expires_at', models.DateTimeField(blank=True, null=True)),
-                ('attempts', models.PositiveIntegerField(default=1)),
-                ('task_id', models.CharField(blank=True, help_text='The execution that holds or completed the key.', max_length=255)),
-                ('worker', models.CharField(blank=True, max_length=255)),
-                ('result', models.JSONField(blank=True, null=True)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('updated_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('completed_at', models.DateTimeField(blank=True, null=True)),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                ("task_name", models.CharField(max_length=255)),
+                ("key", models.CharField(max_length=255)),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[("running", "running"), ("done", "done")], max_length=16
+                    ),
+                ),
+                (
+                    "fingerprint",
+                    models.CharField(
+                        help_text="SHA-256 of the arguments first used with the key.", max_length=64
+                    ),
+                ),
+                (
+                    "token",
+                    models.CharField(
+                        help_text="Identifies the current holder's claim.", max_length=32
+                    ),
+                ),
+                ("lease_expires_at", models.DateTimeField(blank=True, null=True)),
+                ("attempts", models.PositiveIntegerField(default=1)),
+                (
+                    "task_id",
+                    models.CharField(
+                        blank=True,
+                        help_text="The execution that holds or completed the key.",
+                        max_length=255,
+                    ),
+                ),
+                ("worker", models.CharField(blank=True, max_length=255)),
+                ("result", models.JSONField(blank=True, null=True)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("updated_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("completed_at", models.DateTimeField(blank=True, null=True)),
             ],
             options={
-                'verbose_name': 'idempotency key',
-                'db_table': 'reliable_tasks_ledger',
-                'indexes': [models.Index(fields=['completed_at'], name='rt_ledger_completed'), models.Index(condition=models.Q(('state', 'running')), fields=['lease_expires_at'], name='rt_ledger_lease')],
-                'constraints': [models.UniqueConstraint(fields=('task_name', 'key'), name='rt_ledger_task_key')],
+                "verbose_name": "idempotency key",
+                "db_table": "reliable_tasks_ledger",
+                "indexes": [
+                    models.Index(fields=["completed_at"], name="rt_ledger_completed"),
+                    models.Index(
+                        condition=models.Q(("state", "running")),
+                        fields=["lease_expires_at"],
+                        name="rt_ledger_lease",
+                    ),
+                ],
+                "constraints": [
+                    models.UniqueConstraint(fields=("task_name", "key"), name="rt_ledger_task_key")
+                ],
             },
         ),
     ]

@@ -11,6 +11,7 @@ from django.db import connection, transaction
 
 from reliable_tasks.models import OutboxMessage, RelayHeartbeat
 from tests.support import Broker, ProcessFactory, rabbitmqctl, wait_for
+from tests.testapp.models import Effect
 from tests.testapp.tasks import record
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -20,7 +21,10 @@ def enqueue_many(n: int, prefix: str, per_transaction: int = 500) -> list[str]:
     ids: list[str] = []
     for start in range(0, n, per_transaction):
         with transaction.atomic():
-            ids += [record.delay(f"{prefix}{i}").id for i in range(start, min(n, start + per_transaction))]
+            ids += [
+                record.delay(f"{prefix}{i}").id
+                for i in range(start, min(n, start + per_transaction))
+            ]
     return ids
 
 
@@ -53,7 +57,9 @@ def test_commits_succeed_while_the_broker_is_down_and_rows_go_out_when_it_return
     assert OutboxMessage.objects.filter(status="pending").count() == 200
     rabbitmqctl("start_app")
     rabbitmqctl("await_startup")
-    wait_for(lambda: dispatched() == 200, timeout=60, what="every row to be dispatched after start_app")
+    wait_for(
+        lambda: dispatched() == 200, timeout=60, what="every row to be dispatched after start_app"
+    )
     fresh = Broker()
     try:
         got = received_ids(fresh, expect=200)
@@ -83,7 +89,9 @@ def test_a_relay_killed_mid_batch_loses_nothing(broker: Broker, processes: Proce
 
 
 @pytest.mark.postgres
-def test_two_relays_on_postgresql_never_publish_a_row_twice(broker: Broker, processes: ProcessFactory) -> None:
+def test_two_relays_on_postgresql_never_publish_a_row_twice(
+    broker: Broker, processes: ProcessFactory
+) -> None:
     assert connection.vendor == "postgresql"
     ids = enqueue_many(8000, "two-")
     env = {"RT_TEST_RELAY_BATCH_SIZE": "100"}
@@ -93,14 +101,23 @@ def test_two_relays_on_postgresql_never_publish_a_row_twice(broker: Broker, proc
     got = received_ids(broker, expect=8000)
     assert set(got) == set(ids)
     assert max(got.values()) == 1, "a row was published twice"
-    wait_for(lambda: sum(dict(RelayHeartbeat.objects.values_list("name", "dispatched_total")).values()) == 8000, timeout=10, what="heartbeats to count every row")
+    wait_for(
+        lambda: (
+            sum(dict(RelayHeartbeat.objects.values_list("name", "dispatched_total")).values())
+            == 8000
+        ),
+        timeout=10,
+        what="heartbeats to count every row",
+    )
     shares = dict(RelayHeartbeat.objects.values_list("name", "dispatched_total"))
     assert shares["relay-a"] > 0
     assert shares["relay-b"] > 0
 
 
 @pytest.mark.postgres
-def test_a_commit_wakes_the_relay_without_waiting_for_the_poll(broker: Broker, processes: ProcessFactory) -> None:
+def test_a_commit_wakes_the_relay_without_waiting_for_the_poll(
+    broker: Broker, processes: ProcessFactory
+) -> None:
     processes.relay(env={"RT_TEST_RELAY_POLL_INTERVAL": "30"})
     wait_for(lambda: RelayHeartbeat.objects.exists(), timeout=30, what="the relay to start")
     time.sleep(0.5)
@@ -112,7 +129,11 @@ def test_a_commit_wakes_the_relay_without_waiting_for_the_poll(broker: Broker, p
 
 def test_sigterm_stops_the_relay_cleanly(broker: Broker, processes: ProcessFactory) -> None:
     relay = processes.relay("--name", "relay-term")
-    wait_for(lambda: RelayHeartbeat.objects.filter(name="relay-term").exists(), timeout=30, what="the relay to start")
+    wait_for(
+        lambda: RelayHeartbeat.objects.filter(name="relay-term").exists(),
+        timeout=30,
+        what="the relay to start",
+    )
     record.delay("before-term")
     wait_for(dispatched, timeout=10, what="the row to go out")
     relay.send_signal(signal.SIGTERM)
@@ -120,3 +141,18 @@ def test_sigterm_stops_the_relay_cleanly(broker: Broker, processes: ProcessFacto
     beat = RelayHeartbeat.objects.get(name="relay-term")
     assert beat.stopped_at is not None
     assert beat.dispatched_total == 1
+
+
+def test_a_worker_can_host_the_relay(broker: Broker, processes: ProcessFactory) -> None:
+    worker = processes.worker(env={"RT_TEST_RELAY_IN_WORKER": "1"})
+    with transaction.atomic():
+        record.delay("hosted")
+    wait_for(
+        lambda: Effect.objects.filter(key="hosted").exists(),
+        timeout=60,
+        what="the worker's relay and pool to run it",
+    )
+    assert RelayHeartbeat.objects.get().name.endswith(":relay")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0, processes.log_of(worker)
+    assert RelayHeartbeat.objects.get().stopped_at is not None

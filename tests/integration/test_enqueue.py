@@ -22,7 +22,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def test_delay_inside_a_rolled_back_transaction_leaves_no_row() -> None:
-    with pytest.raises(RuntimeError), transaction.atomic():
+    with pytest.raises(RuntimeError), transaction.atomic():  # noqa: PT012 - raised inside the transaction
         record.delay("rolled-back")
         assert OutboxMessage.objects.count() == 1
         raise RuntimeError("roll back")
@@ -84,7 +84,9 @@ def test_priority_expires_and_headers_are_kept_for_the_relay() -> None:
 
 def test_json_types_kombu_supports_are_accepted() -> None:
     when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
-    record.delay("types", payload={"when": when, "id": uuid.UUID(int=1), "amount": decimal.Decimal("1.10")})
+    record.delay(
+        "types", payload={"when": when, "id": uuid.UUID(int=1), "amount": decimal.Decimal("1.10")}
+    )
     assert '"amount"' in OutboxMessage.objects.get().body
 
 
@@ -97,7 +99,8 @@ def test_an_unencodable_argument_is_named_and_the_transaction_stays_usable() -> 
         Effect.objects.create(key="after")
     message = str(info.value)
     assert "task 'tests.testapp.tasks.record'" in message
-    assert "kwargs['payload']['items'][1] is a object" in message
+    assert "kwargs['payload']['items'][1] = <object object at" in message
+    assert "(type object) cannot be encoded as JSON" in message
     assert "Nothing was written to the outbox" in message
     assert OutboxMessage.objects.count() == 0
     assert sorted(Effect.objects.values_list("key", flat=True)) == ["after", "before"]
@@ -107,12 +110,18 @@ def test_an_unencodable_argument_is_named_and_the_transaction_stays_usable() -> 
 def test_a_payload_above_the_limit_is_refused_with_its_size() -> None:
     with pytest.raises(PayloadTooLarge) as info:
         record.delay("big", payload="x" * 5000)
-    assert "args are 6 KiB; the limit is RELIABLE_TASKS_MAX_PAYLOAD_BYTES = 1 KiB" in str(info.value)
+    assert (
+        "is 6 KiB encoded (arguments and headers); the limit is RELIABLE_TASKS_MAX_PAYLOAD_BYTES = 1 KiB"
+        in str(info.value)
+    )
     assert OutboxMessage.objects.count() == 0
 
 
 def test_pickle_is_refused() -> None:
-    with pytest.raises(UnsupportedOption, match="'pickle' serializer; reliable tasks travel as JSON only"):
+    with pytest.raises(
+        UnsupportedOption,
+        match="called with serializer='pickle'; reliable tasks travel as JSON only",
+    ):
         record.apply_async(("x",), serializer="pickle")
     assert OutboxMessage.objects.count() == 0
 
@@ -132,3 +141,18 @@ def test_signatures_chains_and_groups_go_through_the_outbox() -> None:
     assert sum('"g1"' in b or '"g2"' in b for b in first_args) == 2
     linked = next(r for r in rows if '"linked"' in r.body)
     assert '"callback"' in linked.body
+
+
+def test_the_rpc_result_backend_is_refused_with_what_to_use_instead() -> None:
+    from celery.backends.rpc import RPCBackend
+
+    from tests.celery_app import app
+
+    original = app.backend
+    app._local.backend = RPCBackend(app=app)
+    try:
+        with pytest.raises(UnsupportedOption, match="rpc:// result backend"):
+            record.delay("rpc")
+    finally:
+        app._local.backend = original
+    assert OutboxMessage.objects.count() == 0

@@ -18,17 +18,24 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture(autouse=True)
-def _empty_cache(redis_service: None) -> None:
-    cache.clear()
+def _needs_redis(redis_service: None) -> None:
+    """These tests count cache hits."""
 
 
-def test_a_second_execution_with_the_same_task_id_returns_the_stored_result_without_running() -> None:
+def test_a_second_execution_with_the_same_task_id_returns_the_stored_result_without_running() -> (
+    None
+):
     first = record.apply(("once",), task_id="fixed-id")
     second = record.apply(("once",), task_id="fixed-id")
     assert first.get() == second.get() == "once"
     assert Effect.objects.filter(key="once").count() == 1
     key = IdempotencyKey.objects.get()
-    assert (key.task_name, key.key, key.state, key.task_id) == (record.name, "fixed-id", "done", "fixed-id")
+    assert (key.task_name, key.key, key.state, key.task_id) == (
+        record.name,
+        "fixed-id",
+        "done",
+        "fixed-id",
+    )
     assert list(Observed.objects.values_list("kind", "cached")) == [("duplicate", True)]
 
 
@@ -74,7 +81,14 @@ def test_a_lease_mode_key_is_exposed_to_the_task_and_released_when_done() -> Non
 
 
 def test_a_live_lease_held_elsewhere_defers_the_duplicate(broker: object) -> None:
-    holder = ledger.claim(leased.name, "lease:L2", ledger.fingerprint(("L2", 0), {}), task_id="other", worker="elsewhere", lease_seconds=60)
+    holder = ledger.claim(
+        leased.name,
+        "lease:L2",
+        ledger.fingerprint(("L2", 0), {}),
+        task_id="other",
+        worker="elsewhere",
+        lease_seconds=60,
+    )
     assert holder.owned
     from reliable_tasks.models import OutboxMessage
 
@@ -89,8 +103,12 @@ def test_a_live_lease_held_elsewhere_defers_the_duplicate(broker: object) -> Non
 
 def test_an_expired_lease_is_taken_over() -> None:
     fp = ledger.fingerprint(("L3", 0), {})
-    crashed = ledger.claim(leased.name, "lease:L3", fp, task_id="crashed", worker="dead", lease_seconds=60)
-    IdempotencyKey.objects.filter(key="lease:L3").update(lease_expires_at=timezone.now() - dt.timedelta(seconds=1))
+    crashed = ledger.claim(
+        leased.name, "lease:L3", fp, task_id="crashed", worker="dead", lease_seconds=60
+    )
+    IdempotencyKey.objects.filter(key="lease:L3").update(
+        lease_expires_at=timezone.now() - dt.timedelta(seconds=1)
+    )
     assert leased.apply(("L3", 0), task_id="next").get() == "L3"
     key = IdempotencyKey.objects.get(key="lease:L3")
     assert (key.state, key.attempts, key.task_id) == ("done", 2, "next")
@@ -101,7 +119,10 @@ def test_an_expired_lease_is_taken_over() -> None:
 
 
 def test_an_invalid_key_callable_fails_at_enqueue_with_the_reason() -> None:
-    with pytest.raises(InvalidIdempotencyKey, match="idempotency_key callable of task 'tests.testapp.tasks.charge' failed"):
+    with pytest.raises(
+        InvalidIdempotencyKey,
+        match=r"idempotency_key callable of task 'tests\.testapp\.tasks\.charge' failed",
+    ):
         charge.delay()
 
 

@@ -19,7 +19,9 @@ from tests.testapp.tasks import plain_record, record, routed
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def test_committed_rows_are_published_once_and_marked_after_the_confirm(broker: Broker, relay: Relay) -> None:
+def test_committed_rows_are_published_once_and_marked_after_the_confirm(
+    broker: Broker, relay: Relay
+) -> None:
     with transaction.atomic():
         ids = [record.delay(f"k{i}").id for i in range(3)]
     assert relay.drain() == 3
@@ -33,22 +35,42 @@ def test_committed_rows_are_published_once_and_marked_after_the_confirm(broker: 
     assert broker.depth() == 0
 
 
-def test_the_relayed_message_is_the_one_apply_async_would_publish(broker: Broker, relay: Relay) -> None:
+def test_the_relayed_message_is_the_one_apply_async_would_publish(
+    broker: Broker, relay: Relay
+) -> None:
     ours = record.apply_async(("same",), {"payload": {"a": [1, 2]}}, priority=3, headers={"h": "v"})
     relay.drain()
     # The same call through stock Celery, straight to the broker.
-    Task.apply_async(record, ("same",), {"payload": {"a": [1, 2]}}, task_id=ours.id, priority=3, headers={"h": "v"})
+    Task.apply_async(
+        record,
+        ("same",),
+        {"payload": {"a": [1, 2]}},
+        task_id=ours.id,
+        priority=3,
+        headers={"h": "v"},
+    )
     relayed, direct = broker.get_all(expect=2)
     assert relayed.headers == direct.headers
     assert relayed.body == direct.body
-    assert json.loads(relayed.body) == [["same"], {"payload": {"a": [1, 2]}}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
-    for prop in ("content_type", "content_encoding", "correlation_id", "reply_to", "priority", "delivery_mode"):
+    assert json.loads(relayed.body) == [
+        ["same"],
+        {"payload": {"a": [1, 2]}},
+        {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+    ]
+    for prop in (
+        "content_type",
+        "content_encoding",
+        "correlation_id",
+        "reply_to",
+        "priority",
+        "delivery_mode",
+    ):
         assert relayed.properties.get(prop) == direct.properties.get(prop), prop
     assert relayed.delivery_info["routing_key"] == direct.delivery_info["routing_key"] == QUEUE
 
 
 def test_a_rolled_back_enqueue_is_never_published(broker: Broker, relay: Relay) -> None:
-    with pytest.raises(ZeroDivisionError), transaction.atomic():
+    with pytest.raises(ZeroDivisionError), transaction.atomic():  # noqa: PT012 - raised inside the transaction
         record.delay("never")
         1 / 0  # noqa: B018 - the error that rolls the transaction back
     assert relay.drain() == 0
@@ -72,16 +94,19 @@ def test_routing_follows_task_routes(broker: Broker, relay: Relay) -> None:
     assert broker.get_all(QUEUE) == []
 
 
-def test_a_message_the_broker_refuses_is_set_aside_and_the_rest_flow(broker: Broker, relay: Relay) -> None:
+def test_a_message_the_broker_refuses_is_set_aside_and_the_rest_flow(
+    broker: Broker, relay: Relay
+) -> None:
     record.delay("before")
-    record.apply_async(("refused",), exchange="rt-tests-no-such-exchange", routing_key="x", queue=None)
+    record.apply_async(
+        ("refused",), exchange="rt-tests-no-such-exchange", routing_key="x", queue=None
+    )
     record.delay("after")
-    # Publishing to a missing exchange closes the channel and fails the batch; the relay then
-    # retries the batch's rows one by one, finds the row at fault and sets it aside.
+    # The relay probes each exchange before publishing to it: the row for the missing one is
+    # set aside, and the rest of the batch goes out once.
     relay.drain(timeout=30)
-    # "before" may go out twice (its first batch rolled back after publishing): at least once.
-    delivered = {json.loads(m.body)[0][0] for m in broker.get_all(expect=2)}
-    assert delivered == {"before", "after"}
+    delivered = sorted(json.loads(m.body)[0][0] for m in broker.get_all(expect=2))
+    assert delivered == ["after", "before"]
     refused = OutboxMessage.objects.get(status="pending")
     assert "NOT_FOUND" in refused.last_error
     assert "rt-tests-no-such-exchange" in refused.last_error
@@ -89,7 +114,9 @@ def test_a_message_the_broker_refuses_is_set_aside_and_the_rest_flow(broker: Bro
 
 
 def test_an_unroutable_message_is_returned_and_retried_later(broker: Broker, relay: Relay) -> None:
-    record.apply_async(("unroutable",), exchange="amq.direct", routing_key="rt-tests-nobody-binds-this")
+    record.apply_async(
+        ("unroutable",), exchange="amq.direct", routing_key="rt-tests-nobody-binds-this"
+    )
     assert relay.run_once() == 0
     row = OutboxMessage.objects.get()
     assert row.status == "pending"
@@ -98,7 +125,9 @@ def test_an_unroutable_message_is_returned_and_retried_later(broker: Broker, rel
     assert row.due_at > timezone.now()
 
 
-def test_a_stock_celery_worker_runs_the_relayed_task(broker: Broker, relay: Relay, processes: ProcessFactory) -> None:
+def test_a_stock_celery_worker_runs_the_relayed_task(
+    broker: Broker, relay: Relay, processes: ProcessFactory
+) -> None:
     worker = processes.worker()
     with transaction.atomic():
         record.delay("stock-worker", payload={"x": 1})
@@ -130,3 +159,24 @@ def test_prune_deletes_only_dispatched_rows_past_retention(broker: Broker, relay
     record.delay("pending")
     assert outbox.prune(limit=10) == 1
     assert list(OutboxMessage.objects.values_list("status", flat=True)) == ["pending"]
+
+
+def test_a_queue_the_broker_refuses_to_declare_is_isolated_and_the_rest_flow(
+    broker: Broker, relay: Relay
+) -> None:
+    # A queue that exists with other settings: declaring it durable fails the channel.
+    mismatched = f"{QUEUE}.mismatched"
+    broker.channel.queue_declare(mismatched, durable=False, auto_delete=False)
+    try:
+        record.delay("before")
+        record.apply_async(("refused",), queue=mismatched)
+        record.delay("after")
+        relay.drain(timeout=30)
+        # After the failed batch the relay retried its rows one by one: "before" may have gone
+        # out twice (the failed batch published it, then rolled back), never zero times.
+        delivered = {json.loads(m.body)[0][0] for m in broker.get_all(expect=2)}
+        assert delivered == {"before", "after"}
+        refused = OutboxMessage.objects.get(status="pending")
+        assert "PRECONDITION_FAILED" in refused.last_error
+    finally:
+        broker.channel.queue_delete(mismatched)

@@ -21,6 +21,7 @@ class Observed(models.Model):
     kind = models.CharField(max_length=20)
     key = models.CharField(max_length=200)
     cached = models.BooleanField(default=False)
+    result = models.JSONField(null=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:

@@ -53,7 +53,9 @@ def announce(name: str) -> None:
 
 @reliable_task(bind=True, idempotency_key=lambda order_id, amount=0: f"charge:{order_id}")
 def charge(self: ReliableTask, order_id: int, amount: int = 0) -> dict[str, Any]:
-    Effect.objects.create(key=f"charge:{order_id}", task_id=self.request.id, payload={"amount": amount})
+    Effect.objects.create(
+        key=f"charge:{order_id}", task_id=self.request.id, payload={"amount": amount}
+    )
     return {"order": order_id, "charged": amount, "key": self.idempotency_key}
 
 
@@ -66,27 +68,41 @@ def two_steps(self: ReliableTask, key: str, pause: float) -> str:
     return key
 
 
-@reliable_task(bind=True, atomic=False, lease=3, idempotency_key=lambda key, seconds, renew=False: f"lease:{key}")
-def leased(self: ReliableTask, key: str, seconds: float, renew: bool = False) -> str:
+@reliable_task(
+    bind=True, atomic=False, lease=6, idempotency_key=lambda key, *args, **kwargs: f"lease:{key}"
+)
+def leased(
+    self: ReliableTask, key: str, seconds: float, renew: bool = False, then: float | None = None
+) -> str:
+    """Works ``seconds`` on its first execution (of this key), ``then`` seconds on later ones."""
+    marker = SIGNAL_DIR / f"ran-lease-{key}"
+    later = marker.exists()
+    marker.touch()
     announce(f"started-{key}-{self.request.id}")
-    deadline = time.monotonic() + seconds
+    deadline = time.monotonic() + (then if later and then is not None else seconds)
     while time.monotonic() < deadline:
         time.sleep(0.25)
         if renew:
             self.renew_lease()
-    Effect.objects.create(key=f"lease:{key}", task_id=self.request.id, payload={"key": self.idempotency_key})
+    Effect.objects.create(
+        key=f"lease:{key}", task_id=self.request.id, payload={"key": self.idempotency_key}
+    )
     return key
 
 
-@reliable_task(idempotency_key=lambda key: f"race:{key}")
-def race(key: str) -> str:
+@reliable_task(idempotency_key=lambda key, hold=0.0: f"race:{key}")
+def race(key: str, hold: float = 0.0) -> str:
     Effect.objects.create(key=f"race:{key}")
+    # Holding the transaction open makes a concurrent duplicate wait on the key.
+    time.sleep(hold)
     return key
 
 
 @receiver(task_duplicate)
-def _seen_duplicate(sender: Any, task: Any, key: str, cached: bool, **kwargs: Any) -> None:
-    Observed.objects.create(kind="duplicate", key=key, cached=cached)
+def _seen_duplicate(
+    sender: Any, task: Any, key: str, cached: bool, result: Any, **kwargs: Any
+) -> None:
+    Observed.objects.create(kind="duplicate", key=key, cached=cached, result=result)
 
 
 @receiver(task_deferred)
