@@ -1,0 +1,152 @@
+"""Helpers for your own tests: see what the outbox holds and run it inline, with no broker.
+
+In a test with the database (``pytest.mark.django_db(transaction=True)`` or Django's
+``TransactionTestCase``, so that commits happen)::
+
+    from reliable_tasks import testing
+
+    def test_placing_an_order_sends_a_receipt():
+        place_order(...)
+        testing.assert_enqueued(send_receipt, args=(order.id,))
+        testing.run_enqueued()
+        assert Receipt.objects.count() == 1
+
+``run_enqueued`` runs each pending row through the task's normal execution (idempotency key,
+atomic or lease mode) in this process, then marks the row dispatched, until nothing is left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from celery import Task, signature
+from django.utils import timezone
+from kombu import serialization
+
+from .conf import conf
+from .models import OutboxMessage, OutboxStatus
+from .relay import get_celery_app
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """A pending outbox row, decoded."""
+
+    id: int
+    task_name: str
+    task_id: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    headers: dict[str, Any]
+    queue: str
+    due_at: datetime
+    embed: dict[str, Any]
+
+
+def enqueued(task: Task[Any, Any] | str | None = None) -> list[Enqueued]:
+    """Pending outbox rows in the order the relay would take them, optionally of one task."""
+    rows = (
+        OutboxMessage.objects.using(conf.DATABASE)
+        .filter(status=OutboxStatus.PENDING)
+        .order_by("due_at", "id")
+    )
+    if task is not None:
+        rows = rows.filter(task_name=task if isinstance(task, str) else task.name)
+    return [_decode(row) for row in rows]
+
+
+def assert_enqueued(
+    task: Task[Any, Any] | str,
+    args: tuple[Any, ...] | list[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    *,
+    count: int | None = None,
+) -> list[Enqueued]:
+    """Assert that ``task`` is pending in the outbox (with these arguments, ``count`` times).
+
+    Returns the matching rows. ``args`` and ``kwargs`` are compared after a JSON round trip,
+    as the worker will see them (tuples become lists).
+    """
+    name = task if isinstance(task, str) else task.name
+    found = enqueued(name)
+    matching = [
+        e
+        for e in found
+        if (args is None or list(e.args) == _round_trip(list(args)))
+        and (kwargs is None or e.kwargs == _round_trip(kwargs))
+    ]
+    wanted = f"{name}(args={args!r}, kwargs={kwargs!r})"
+    if count is None and not matching:
+        raise AssertionError(
+            f"{wanted} is not in the outbox; pending there: {_describe(enqueued())}"
+        )
+    if count is not None and len(matching) != count:
+        raise AssertionError(
+            f"{wanted} is in the outbox {len(matching)} times, not {count}; pending: {_describe(found)}"
+        )
+    return matching
+
+
+def run_enqueued(*, include_future: bool = True, max_tasks: int = 1000) -> list[Any]:
+    """Run pending outbox rows inline until none is left; return their results in order.
+
+    Tasks that enqueue more tasks (chains, callbacks, your own ``delay()`` calls) have those
+    run too. Rows due later run as well unless ``include_future`` is False. A task that
+    fails raises here, as a test would want. ``max_tasks`` stops a task that keeps
+    enqueueing itself.
+    """
+    app = get_celery_app()
+    results: list[Any] = []
+    while True:
+        pending = enqueued()
+        if not include_future:
+            now = timezone.now()
+            pending = [e for e in pending if e.due_at <= now]
+        if not pending:
+            return results
+        for entry in pending:
+            if len(results) >= max_tasks:
+                raise AssertionError(
+                    f"run_enqueued ran {max_tasks} tasks and the outbox is not empty yet"
+                )
+            OutboxMessage.objects.using(conf.DATABASE).filter(pk=entry.id).update(
+                status=OutboxStatus.DISPATCHED, dispatched_at=timezone.now()
+            )
+            task = app.tasks[entry.task_name]
+            outcome = task.apply(
+                entry.args, entry.kwargs, task_id=entry.task_id, headers=entry.headers, throw=True,
+                link=entry.embed.get("callbacks"), link_error=entry.embed.get("errbacks"),
+            )  # fmt: skip
+            results.append(outcome.result)
+            _continue_chain(entry, outcome.result)
+
+
+def _continue_chain(entry: Enqueued, result: Any) -> None:
+    """Enqueue the chain's next step, as a worker does after a step succeeds."""
+    steps = entry.embed.get("chain")
+    if steps:
+        following = signature(steps[-1], app=get_celery_app())
+        following.apply_async((result,), chain=steps[:-1])
+
+
+def _decode(row: OutboxMessage) -> Enqueued:
+    args, kwargs, embed = serialization.loads(
+        row.body, row.content_type, row.content_encoding, accept=[row.content_type]
+    )
+    return Enqueued(
+        id=row.id, task_name=row.task_name, task_id=row.task_id, args=tuple(args), kwargs=kwargs,
+        headers=row.headers, queue=row.queue, due_at=row.due_at, embed=embed or {},
+    )  # fmt: skip
+
+
+def _round_trip(value: Any) -> Any:
+    content_type, encoding, data = serialization.dumps(value, serializer="json")
+    return serialization.loads(data, content_type, encoding, accept=[content_type])
+
+
+def _describe(entries: list[Enqueued]) -> str:
+    if not entries:
+        return "nothing"
+    return ", ".join(f"{e.task_name}(args={list(e.args)!r}, kwargs={e.kwargs!r})" for e in entries)

@@ -1,0 +1,56 @@
+"""reliable_tasks.testing: a user's tests see and run the outbox with no broker."""
+
+from __future__ import annotations
+
+import pytest
+from celery import chain
+from django.db import transaction
+
+from reliable_tasks import testing
+from tests.testapp.models import Effect
+from tests.testapp.tasks import charge, record, write_then_fail
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_assert_enqueued_finds_a_committed_task_by_its_arguments() -> None:
+    with transaction.atomic():
+        record.delay("a", payload={"n": (1, 2)})
+    [entry] = testing.assert_enqueued(record, args=("a",), kwargs={"payload": {"n": (1, 2)}})
+    assert entry.kwargs == {"payload": {"n": [1, 2]}}
+    testing.assert_enqueued("tests.testapp.tasks.record", count=1)
+
+
+def test_assert_enqueued_says_what_is_there_when_it_fails() -> None:
+    record.delay("a")
+    with pytest.raises(
+        AssertionError,
+        match=r"args=\('b',\).* is not in the outbox; pending there: .*record\(args=\['a'\]",
+    ):
+        testing.assert_enqueued(record, args=("b",))
+    with pytest.raises(AssertionError, match="in the outbox 1 times, not 2"):
+        testing.assert_enqueued(record, count=2)
+
+
+def test_run_enqueued_runs_tasks_chains_and_their_follow_ups_once() -> None:
+    chain(record.si("c1"), record.si("c2")).delay()
+    charge.delay(5, amount=1)
+    charge.delay(5, amount=1)
+    results = testing.run_enqueued()
+    assert sorted(Effect.objects.values_list("key", flat=True)) == ["c1", "c2", "charge:5"]
+    assert results.count({"order": 5, "charged": 1, "key": "charge:5"}) == 2
+    assert testing.enqueued() == []
+
+
+def test_run_enqueued_leaves_future_rows_when_asked() -> None:
+    record.apply_async(("later",), countdown=3600)
+    record.delay("now")
+    assert testing.run_enqueued(include_future=False) == ["now"]
+    assert [e.args for e in testing.enqueued()] == [("later",)]
+
+
+def test_run_enqueued_raises_the_task_error() -> None:
+    write_then_fail.delay("boom")
+    with pytest.raises(ValueError, match="boom failed after its write"):
+        testing.run_enqueued()
+    assert Effect.objects.count() == 0
