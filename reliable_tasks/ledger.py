@@ -233,7 +233,7 @@ class DoneCache:
             return None
         try:
             value = caches[alias].get(self._cache_key(task_name, key))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a cache outage must not fail the task
             self._failed(exc)
             return None
         self._recovered()
@@ -251,7 +251,7 @@ class DoneCache:
             caches[alias].set(
                 self._cache_key(task_name, key), (fingerprint, stored_result), timeout
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a cache outage must not fail the task
             self._failed(exc)
             return
         self._recovered()

@@ -127,3 +127,107 @@ class IdempotencyKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_name}:{self.key} {self.state}"
+
+
+class TaskAttempt(models.Model):
+    """One attempt of a task that did not succeed: its error, where and when it ran.
+
+    Successful attempts leave no row; an attempt that never reported back (its worker was
+    killed) is recorded as "lost" when the message is delivered again.
+    """
+
+    class Outcome(models.TextChoices):
+        FAILED = "failed", "failed"
+        LOST = "lost", "lost (the delivery ended without an outcome)"
+
+    id = models.BigAutoField(primary_key=True)
+    task_id = models.CharField(max_length=255, db_index=True)
+    task_name = models.CharField(max_length=255)
+    idempotency_key = models.CharField(max_length=255, blank=True)
+    number = models.PositiveIntegerField(help_text="1 for the first attempt.")
+    outcome = models.CharField(max_length=16, choices=Outcome.choices)
+    exc_type = models.CharField(max_length=255, blank=True)
+    message = models.TextField(blank=True)
+    traceback = models.TextField(blank=True)
+    worker = models.CharField(max_length=255, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        db_table = "reliable_tasks_attempt"
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}] attempt {self.number} {self.outcome}"
+
+
+class DeadReason(models.TextChoices):
+    EXHAUSTED = "exhausted", "retries exhausted"
+    DEADLINE = "deadline", "deadline passed"
+    GIVE_UP = "give_up", "give-up exception"
+    NOT_RETRYABLE = "not_retryable", "exception not in retry_on"
+    CRASH_LOOP = "crash_loop", "crash loop (delivered too often without an outcome)"
+    UNREGISTERED = "unregistered", "no such task registered"
+    UNDECODABLE = "undecodable", "message cannot be decoded"
+    KEY_REUSED = "key_reused", "idempotency key reused with other arguments"
+    DEAD_LETTERED = "dead_lettered", "dead-lettered by the broker"
+
+
+class DeadStatus(models.TextChoices):
+    DEAD = "dead", "dead"
+    REQUEUED = "requeued", "requeued"
+    DISCARDED = "discarded", "discarded"
+
+
+class DeadTask(models.Model):
+    """A task that will not succeed by itself, kept with everything needed to replay it.
+
+    ``headers``, ``body`` and the routing fields are the message as it was published, so a
+    requeue sends the same message again through the outbox. For a message that could not be
+    decoded, ``body`` holds the raw bytes as base64 and ``content_encoding`` is "base64".
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    task_id = models.CharField(max_length=255, db_index=True, blank=True)
+    task_name = models.CharField(max_length=255, db_index=True, blank=True)
+    args = models.JSONField(null=True, blank=True)
+    kwargs = models.JSONField(null=True, blank=True)
+    idempotency_key = models.CharField(max_length=255, blank=True, db_index=True)
+    queue = models.CharField(max_length=255, blank=True)
+    exchange = models.CharField(max_length=255, blank=True)
+    routing_key = models.CharField(max_length=255, blank=True)
+    headers = models.JSONField(default=dict, blank=True)
+    properties = models.JSONField(default=dict, blank=True)
+    body = models.TextField(blank=True)
+    content_type = models.CharField(max_length=100, blank=True)
+    content_encoding = models.CharField(max_length=32, blank=True)
+    reason = models.CharField(max_length=32, choices=DeadReason.choices, db_index=True)
+    exc_type = models.CharField(max_length=255, blank=True, db_index=True)
+    exc_message = models.TextField(blank=True)
+    attempts = models.JSONField(
+        default=list, blank=True, help_text="Every recorded attempt, oldest first."
+    )
+    attempt_count = models.PositiveIntegerField(default=0)
+    first_failed_at = models.DateTimeField(default=timezone.now)
+    last_failed_at = models.DateTimeField(default=timezone.now, db_index=True)
+    status = models.CharField(
+        max_length=16, choices=DeadStatus.choices, default=DeadStatus.DEAD, db_index=True
+    )
+    status_changed_at = models.DateTimeField(null=True, blank=True)
+    status_changed_by = models.CharField(max_length=150, blank=True)
+    requeued_outbox_id = models.BigIntegerField(
+        null=True, blank=True, help_text="The outbox row of the last requeue."
+    )
+    requeued_task_id = models.CharField(max_length=255, blank=True)
+
+    class Meta:
+        db_table = "reliable_tasks_dead"
+        verbose_name = "dead task"
+        ordering = ["-last_failed_at", "-id"]
+        permissions = [
+            ("requeue_deadtask", "Can requeue dead tasks"),
+            ("discard_deadtask", "Can discard dead tasks"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name or '(no task name)'}[{self.task_id}] {self.get_reason_display()}"

@@ -152,7 +152,7 @@ class Publisher:
                 message, exchange, routing_key = self._message(row)
             except self.errors:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - one bad row must not stop the batch
                 outcome.failed[row.id] = f"cannot build the message: {exc!r}"
                 continue
             self.channel.basic_publish(
@@ -521,7 +521,7 @@ class Relay:
             return self._publisher
         try:
             self._publisher = Publisher(self.app)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to connect means: wait and retry
             self._broker_failed(exc)
             return None
         if self._broker_failures:

@@ -1,6 +1,7 @@
 """Signals reliable_tasks sends, for metrics and for your own hooks.
 
-Every signal's sender is the task's class; ``task`` is the task instance.
+Task signals are sent by the task's class (``task`` is the instance); dead-task signals by
+``DeadTask``.
 """
 
 from __future__ import annotations
@@ -13,3 +14,13 @@ task_duplicate = Signal()
 
 #: A delivery found its key held by a live lease and was put off. Args: task, key, delay.
 task_deferred = Signal()
+
+#: A failed attempt was recorded and the next one scheduled through the outbox.
+#: Args: task, task_id, attempt (the number that failed), delay, exc.
+task_retried = Signal()
+
+#: A task became a dead task (sent once its transaction committed). Args: dead_task.
+task_dead = Signal()
+
+#: A dead task was sent again through the outbox. Args: dead_task, outbox_id, user.
+task_requeued = Signal()

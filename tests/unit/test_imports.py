@@ -15,5 +15,7 @@ def test_importing_the_package_and_the_worker_step_loads_no_models() -> None:
     )
     # No DJANGO_SETTINGS_MODULE: importing a model would raise ImproperlyConfigured.
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr

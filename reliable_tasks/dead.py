@@ -1,0 +1,319 @@
+"""Dead tasks: capture a task that will not succeed by itself, then requeue or discard it.
+
+A dead task keeps the message as it was published (headers, body, routing), so a requeue
+writes that same message to the outbox again: it is published only if the requeue commits.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db import transaction
+from django.db.models import QuerySet
+from django.utils import timezone
+from kombu import serialization
+from kombu.utils import json as kombu_json
+
+from . import signals
+from .conf import conf
+from .exceptions import ReliableTasksError
+from .models import DeadReason, DeadStatus, DeadTask, OutboxMessage, TaskAttempt
+from .outbox import SERIALIZER, CapturedMessage
+
+logger = logging.getLogger("reliable_tasks.dead")
+
+#: The header that carries an idempotency key chosen at requeue (it replaces the computed one).
+KEY_HEADER = "reliable_idempotency_key"
+#: Headers of one run of attempts, dropped when a dead task starts over.
+ATTEMPT_HEADERS = ("reliable_first_attempt", "reliable_previous_delay")
+
+MAX_TRACEBACK = 16 * 1024
+MAX_MESSAGE = 4 * 1024
+
+
+class CannotRequeue(ReliableTasksError):
+    """This dead task cannot be sent again as it is (say, its body could not be decoded)."""
+
+
+@dataclass
+class RawMessage:
+    """A message as the worker received it, for dead tasks that never became a task call."""
+
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    body: bytes | str
+    content_type: str
+    content_encoding: str
+    exchange: str = ""
+    routing_key: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def attempts_of(task_id: str) -> list[dict[str, Any]]:
+    """The recorded attempts of a task id, oldest first, as plain dicts."""
+    rows = TaskAttempt.objects.using(conf.DATABASE).filter(task_id=task_id).order_by("id")
+    return [
+        {
+            "number": a.number,
+            "outcome": a.outcome,
+            "exc_type": a.exc_type,
+            "message": a.message,
+            "traceback": a.traceback,
+            "worker": a.worker,
+            "started_at": a.started_at.isoformat() if a.started_at else None,
+            "ended_at": a.ended_at.isoformat(),
+        }
+        for a in rows
+    ]
+
+
+def capture(
+    message: CapturedMessage,
+    *,
+    reason: str,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    idempotency_key: str,
+    exc: BaseException | None = None,
+) -> DeadTask:
+    """Store a task call that failed for good, with its attempts (call it inside a transaction)."""
+    attempts = attempts_of(message.task_id)
+    now = timezone.now()
+    first = attempts[0]["started_at"] or attempts[0]["ended_at"] if attempts else None
+    dead = DeadTask.objects.using(conf.DATABASE).create(
+        task_id=message.task_id,
+        task_name=message.task_name,
+        args=_plain(list(args)),
+        kwargs=_plain(dict(kwargs)),
+        idempotency_key=idempotency_key,
+        queue=message.queue,
+        exchange=message.exchange,
+        routing_key=message.routing_key,
+        headers=message.headers,
+        properties=message.properties,
+        body=message.body,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        reason=reason,
+        exc_type=_qualname(exc) if exc is not None else "",
+        exc_message=_truncate(str(exc), MAX_MESSAGE) if exc is not None else "",
+        attempts=attempts,
+        attempt_count=len(attempts),
+        first_failed_at=first or now,
+        last_failed_at=now,
+    )
+    _announce(dead)
+    return dead
+
+
+def capture_raw(message: RawMessage, *, reason: str, error: str, queue: str = "") -> DeadTask:
+    """Store a message that could not become a task call (unknown task, undecodable body)."""
+    headers = _plain(message.headers or {})
+    body = message.body
+    content_encoding = message.content_encoding
+    args: Any = None
+    kwargs: Any = None
+    if isinstance(body, bytes):
+        try:
+            body = body.decode(content_encoding or "utf-8")
+        except (UnicodeDecodeError, LookupError):
+            body, content_encoding = base64.b64encode(body).decode(), "base64"
+    if content_encoding != "base64":
+        try:
+            decoded = serialization.loads(
+                body, message.content_type, content_encoding, accept=[message.content_type]
+            )
+            args, kwargs = decoded[0], decoded[1]
+        except Exception:  # noqa: BLE001 - an undecodable body is what this function is for
+            pass
+    now = timezone.now()
+    dead = DeadTask.objects.using(conf.DATABASE).create(
+        task_id=str(headers.get("id") or message.properties.get("correlation_id") or ""),
+        task_name=str(headers.get("task") or ""),
+        args=_plain(args) if isinstance(args, list | tuple) else None,
+        kwargs=_plain(kwargs) if isinstance(kwargs, dict) else None,
+        queue=queue,
+        exchange=message.exchange,
+        routing_key=message.routing_key,
+        headers=headers,
+        properties=_plain(message.properties or {}),
+        body=body,
+        content_type=message.content_type or "",
+        content_encoding=content_encoding or "",
+        reason=reason,
+        exc_message=_truncate(error, MAX_MESSAGE),
+        first_failed_at=now,
+        last_failed_at=now,
+    )
+    _announce(dead)
+    return dead
+
+
+def requeue(
+    dead: DeadTask,
+    *,
+    renew_key: bool = False,
+    args: Sequence[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    user: str = "",
+) -> OutboxMessage:
+    """Send a dead task again through the outbox, in one transaction with its new status.
+
+    Args:
+        renew_key: Run under a new idempotency key (and a new task id) instead of the old one.
+        args, kwargs: New arguments (say, corrected by an operator); the old ones otherwise.
+        user: Who asked, for the record.
+    """
+    if dead.content_encoding == "base64":
+        raise CannotRequeue(
+            f"dead task {dead.pk} holds a message whose body could not be decoded; it cannot be "
+            "sent again as it is. Inspect it, then discard it."
+        )
+    if not dead.headers.get("task"):
+        raise CannotRequeue(f"dead task {dead.pk} has no task name in its headers; discard it.")
+    headers = {k: v for k, v in dead.headers.items() if k not in ATTEMPT_HEADERS}
+    properties = dict(dead.properties)
+    headers["retries"] = 0
+    body, content_type, content_encoding = dead.body, dead.content_type, dead.content_encoding
+    if args is not None or kwargs is not None:
+        body, content_type, content_encoding = _reencode(dead, args, kwargs)
+        headers["argsrepr"] = repr(list(args if args is not None else dead.args or []))
+        headers["kwargsrepr"] = repr(kwargs if kwargs is not None else dead.kwargs or {})
+    task_id = dead.task_id
+    if renew_key:
+        task_id = str(uuid.uuid4())
+        headers["id"] = task_id
+        properties["correlation_id"] = task_id
+        base_key = dead.idempotency_key or dead.task_id
+        headers[KEY_HEADER] = f"{base_key}:requeue:{task_id[:8]}"
+    now = timezone.now()
+    with transaction.atomic(using=conf.DATABASE):
+        row = OutboxMessage.objects.using(conf.DATABASE).create(
+            task_id=task_id,
+            task_name=dead.task_name or str(headers["task"]),
+            queue=dead.queue,
+            exchange=dead.exchange,
+            routing_key=dead.routing_key,
+            headers=headers,
+            properties=properties,
+            body=body,
+            content_type=content_type,
+            content_encoding=content_encoding,
+        )
+        DeadTask.objects.using(conf.DATABASE).filter(pk=dead.pk).update(
+            status=DeadStatus.REQUEUED,
+            status_changed_at=now,
+            status_changed_by=user,
+            requeued_outbox_id=row.pk,
+            requeued_task_id=task_id,
+        )
+    signals.task_requeued.send(sender=DeadTask, dead_task=dead, outbox_id=row.pk, user=user)
+    logger.info(
+        "dead task %d (%s[%s]) requeued as %s by %s",
+        dead.pk,
+        dead.task_name,
+        dead.task_id,
+        task_id,
+        user or "-",
+    )
+    return row
+
+
+def discard(dead: DeadTask, *, user: str = "") -> None:
+    """Mark a dead task discarded; it stays for the record."""
+    DeadTask.objects.using(conf.DATABASE).filter(pk=dead.pk).update(
+        status=DeadStatus.DISCARDED, status_changed_at=timezone.now(), status_changed_by=user
+    )
+
+
+def requeue_many(
+    dead_tasks: QuerySet[DeadTask],
+    *,
+    renew_key: bool = False,
+    user: str = "",
+    batch_size: int = 500,
+) -> int:
+    """Requeue every dead task of a query (status "dead" only), in batches; return how many."""
+    return _in_batches(dead_tasks, batch_size, lambda d: requeue(d, renew_key=renew_key, user=user))
+
+
+def discard_many(dead_tasks: QuerySet[DeadTask], *, user: str = "", batch_size: int = 500) -> int:
+    """Discard every dead task of a query (status "dead" only), in batches; return how many."""
+    return _in_batches(dead_tasks, batch_size, lambda d: discard(d, user=user))
+
+
+def _in_batches(
+    dead_tasks: QuerySet[DeadTask], batch_size: int, act: Callable[[DeadTask], Any]
+) -> int:
+    ids = list(dead_tasks.filter(status=DeadStatus.DEAD).values_list("pk", flat=True))
+    done = 0
+    for start in range(0, len(ids), batch_size):
+        chunk: Iterable[DeadTask] = DeadTask.objects.using(conf.DATABASE).filter(
+            pk__in=ids[start : start + batch_size], status=DeadStatus.DEAD
+        )
+        with transaction.atomic(using=conf.DATABASE):
+            for dead in chunk:
+                act(dead)
+                done += 1
+    return done
+
+
+def _reencode(
+    dead: DeadTask, args: Sequence[Any] | None, kwargs: dict[str, Any] | None
+) -> tuple[str, str, str]:
+    old_args, old_kwargs, embed = serialization.loads(
+        dead.body, dead.content_type, dead.content_encoding, accept=[dead.content_type]
+    )
+    new_body = [
+        list(args) if args is not None else old_args,
+        kwargs if kwargs is not None else old_kwargs,
+        embed,
+    ]
+    content_type, content_encoding, data = serialization.dumps(new_body, serializer=SERIALIZER)
+    return data, content_type, content_encoding
+
+
+def _announce(dead: DeadTask) -> None:
+    logger.error(
+        "dead task %d: %s[%s] %s%s",
+        dead.pk, dead.task_name or "(unknown)", dead.task_id, dead.get_reason_display(),
+        f": {dead.exc_type}: {dead.exc_message}" if dead.exc_type else f": {dead.exc_message}" if dead.exc_message else "",
+    )  # fmt: skip
+    transaction.on_commit(
+        lambda: signals.task_dead.send(sender=DeadTask, dead_task=dead), using=conf.DATABASE
+    )
+
+
+def _qualname(exc: BaseException) -> str:
+    cls = type(exc)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 20] + "\n... (truncated)"
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-storable copy: kombu's JSON keeps datetimes and decimals readable."""
+    return json.loads(kombu_json.dumps(value))
+
+
+__all__ = [
+    "ATTEMPT_HEADERS",
+    "KEY_HEADER",
+    "CannotRequeue",
+    "DeadReason",
+    "RawMessage",
+    "capture",
+    "capture_raw",
+    "discard",
+    "discard_many",
+    "requeue",
+    "requeue_many",
+]
