@@ -13,6 +13,8 @@ from typing import Any
 from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
 
+from .retry import RetryPolicy
+
 KiB = 1024
 
 
@@ -85,6 +87,24 @@ SETTINGS: dict[str, Setting] = {
         (str, type(None)),
         "Django cache that remembers completed keys (a fast path, never the truth); None turns it off.",
     ),
+    "RETRY_POLICY": Setting(
+        None,
+        (dict, RetryPolicy, type(None)),
+        "Default RetryPolicy of reliable tasks (a RetryPolicy or its keyword arguments); None: RetryPolicy().",
+    ),
+    "MAX_DELIVERIES": Setting(
+        5,
+        (int,),
+        "Deliveries of one message without an outcome (worker killed) before it becomes a dead task.",
+    ),
+    "MAX_RECORDED_ATTEMPTS": Setting(
+        25, (int,), "Failed attempts kept per task id; older ones are dropped."
+    ),
+    "DEAD_TASK_RETENTION": Setting(
+        timedelta(days=30),
+        (timedelta,),
+        "How long requeued or discarded dead tasks are kept; dead ones are kept until acted on.",
+    ),
     "PRUNE_BATCH_SIZE": Setting(1000, (int,), "Rows deleted per statement when pruning."),
     "CELERY_APP": Setting(
         None,
@@ -113,6 +133,20 @@ class Settings:
                 f"({value!r}). {spec.doc} Default: {spec.default!r}."
             )
         return value
+
+    def retry_policy(self) -> RetryPolicy:
+        """The project's default retry policy."""
+        value = self.RETRY_POLICY
+        if value is None:
+            return RetryPolicy()
+        if isinstance(value, RetryPolicy):
+            return value
+        try:
+            return RetryPolicy(**value)
+        except (TypeError, ValueError) as exc:
+            raise ImproperlyConfigured(
+                f"RELIABLE_TASKS_RETRY_POLICY is not a valid RetryPolicy: {exc}"
+            ) from exc
 
     def backoff_pair(self, name: str) -> tuple[float, float]:
         """Read a ``(base, cap)`` setting and check its shape."""

@@ -24,14 +24,18 @@ from . import signals
 from .conf import conf
 from .exceptions import ReliableTasksError
 from .models import DeadReason, DeadStatus, DeadTask, OutboxMessage, TaskAttempt
-from .outbox import SERIALIZER, CapturedMessage
+from .outbox import (
+    FIRST_ATTEMPT_HEADER,
+    KEY_HEADER,
+    PREVIOUS_DELAY_HEADER,
+    SERIALIZER,
+    CapturedMessage,
+)
 
 logger = logging.getLogger("reliable_tasks.dead")
 
-#: The header that carries an idempotency key chosen at requeue (it replaces the computed one).
-KEY_HEADER = "reliable_idempotency_key"
 #: Headers of one run of attempts, dropped when a dead task starts over.
-ATTEMPT_HEADERS = ("reliable_first_attempt", "reliable_previous_delay")
+ATTEMPT_HEADERS = (FIRST_ATTEMPT_HEADER, PREVIOUS_DELAY_HEADER)
 
 MAX_TRACEBACK = 16 * 1024
 MAX_MESSAGE = 4 * 1024
@@ -101,8 +105,8 @@ def capture(
         content_type=message.content_type,
         content_encoding=message.content_encoding,
         reason=reason,
-        exc_type=_qualname(exc) if exc is not None else "",
-        exc_message=_truncate(str(exc), MAX_MESSAGE) if exc is not None else "",
+        exc_type=qualname(exc) if exc is not None else "",
+        exc_message=truncate(str(exc), MAX_MESSAGE) if exc is not None else "",
         attempts=attempts,
         attempt_count=len(attempts),
         first_failed_at=first or now,
@@ -115,15 +119,18 @@ def capture(
 def capture_raw(message: RawMessage, *, reason: str, error: str, queue: str = "") -> DeadTask:
     """Store a message that could not become a task call (unknown task, undecodable body)."""
     headers = _plain(message.headers or {})
-    body = message.body
     content_encoding = message.content_encoding
+    raw = message.body
+    body: str
+    if isinstance(raw, str):
+        body = raw
+    else:
+        try:
+            body = raw.decode(content_encoding or "utf-8")
+        except (UnicodeDecodeError, LookupError):
+            body, content_encoding = base64.b64encode(raw).decode(), "base64"
     args: Any = None
     kwargs: Any = None
-    if isinstance(body, bytes):
-        try:
-            body = body.decode(content_encoding or "utf-8")
-        except (UnicodeDecodeError, LookupError):
-            body, content_encoding = base64.b64encode(body).decode(), "base64"
     if content_encoding != "base64":
         try:
             decoded = serialization.loads(
@@ -147,7 +154,7 @@ def capture_raw(message: RawMessage, *, reason: str, error: str, queue: str = ""
         content_type=message.content_type or "",
         content_encoding=content_encoding or "",
         reason=reason,
-        exc_message=_truncate(error, MAX_MESSAGE),
+        exc_message=truncate(error, MAX_MESSAGE),
         first_failed_at=now,
         last_failed_at=now,
     )
@@ -290,12 +297,12 @@ def _announce(dead: DeadTask) -> None:
     )
 
 
-def _qualname(exc: BaseException) -> str:
+def qualname(exc: BaseException) -> str:
     cls = type(exc)
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _truncate(text: str, limit: int) -> str:
+def truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 20] + "\n... (truncated)"
 
 
@@ -306,7 +313,6 @@ def _plain(value: Any) -> Any:
 
 __all__ = [
     "ATTEMPT_HEADERS",
-    "KEY_HEADER",
     "CannotRequeue",
     "DeadReason",
     "RawMessage",

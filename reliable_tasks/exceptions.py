@@ -37,3 +37,18 @@ class IdempotencyKeyReused(ExecutionError):
 
 class LeaseLost(ExecutionError):
     """A lease-mode task lost its key: the lease expired and another execution took over."""
+
+
+class Retry(ReliableTasksError):
+    """Raise from a task to ask for another attempt after ``delay`` seconds, without an error.
+
+    For a ``Retry-After`` answer: ``raise Retry(delay=30)``. The attempt still counts against
+    the retry policy's ``max_attempts`` and ``deadline``.
+    """
+
+    def __init__(self, delay: float, reason: str = "") -> None:
+        if delay < 0:
+            raise ValueError(f"delay is a number of seconds >= 0, got {delay}")
+        self.delay = float(delay)
+        self.reason = reason
+        super().__init__(reason or f"retry requested in {delay:g} s")

@@ -25,6 +25,13 @@ from .exceptions import PayloadNotSerializable, PayloadTooLarge, UnsupportedOpti
 
 SERIALIZER = "json"
 
+#: An idempotency key chosen at requeue; it replaces the one the task computes.
+KEY_HEADER = "reliable_idempotency_key"
+#: When the first attempt of a run of retries started (ISO 8601), for the policy's deadline.
+FIRST_ATTEMPT_HEADER = "reliable_first_attempt"
+#: The wait before this attempt, for decorrelated jitter.
+PREVIOUS_DELAY_HEADER = "reliable_previous_delay"
+
 # What an AMQP message can carry besides headers and body; kombu drops anything else too.
 _AMQP_PROPERTIES = frozenset(
     {"delivery_mode", "priority", "correlation_id", "reply_to", "message_id", "timestamp",

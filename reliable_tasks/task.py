@@ -11,12 +11,15 @@ import logging
 import random
 import socket
 import time
+import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from celery import Task, shared_task
 from celery.backends.rpc import RPCBackend
 from celery.exceptions import Ignore, Reject
+from celery.exceptions import Retry as CeleryRetry
 from celery.result import AsyncResult
 from django.core.exceptions import ImproperlyConfigured
 from django.db import InterfaceError, OperationalError, transaction
@@ -31,11 +34,17 @@ from .exceptions import (
     ReliableTasksError,
     UnsupportedOption,
 )
+from .exceptions import Retry as RetryRequest
+from .outbox import FIRST_ATTEMPT_HEADER, KEY_HEADER, PREVIOUS_DELAY_HEADER
+from .retry import Decision, RetryPolicy
 
 if TYPE_CHECKING:
     from .ledger import Claim
 
 logger = logging.getLogger("reliable_tasks.task")
+
+# Celery's own control flow passes through untouched: deferral, requeue, retry.
+_CONTROL_FLOW = (Ignore, Reject, CeleryRetry)
 
 # The ledger is imported inside the functions that run tasks: it imports the models, and this
 # module is imported by the package itself, before Django's app registry is ready.
@@ -69,6 +78,7 @@ class ReliableTask(Task[Any, Any]):
     atomic: bool = True
     lease: float | None = None
     key_func: KeyFunc | None = None
+    retry_policy: RetryPolicy | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -81,6 +91,11 @@ class ReliableTask(Task[Any, Any]):
                 )
             cls.key_func = staticmethod(key)
             delattr(cls, "idempotency_key")
+        policy = cls.__dict__.get("retry")
+        if isinstance(policy, RetryPolicy | dict):
+            # ``retry=`` names the policy in the decorator; the attribute stays Celery's method.
+            cls.retry_policy = policy if isinstance(policy, RetryPolicy) else RetryPolicy(**policy)
+            delattr(cls, "retry")
         for option in ("acks_late", "reject_on_worker_lost"):
             if cls.__dict__.get(option) is False:
                 raise ImproperlyConfigured(
@@ -127,22 +142,40 @@ class ReliableTask(Task[Any, Any]):
                 "channel, and enqueueing through the outbox opens none. Use another result backend "
                 "(redis, a database) or ignore_result=True."
             )
+        result, message = self._capture(
+            args,
+            kwargs,
+            task_id=task_id,
+            link=link,
+            link_error=link_error,
+            shadow=shadow,
+            **options,
+        )
+        outbox.write(message)
+        return result
+
+    def _capture(
+        self, args: Any, kwargs: Any, **options: Any
+    ) -> tuple[AsyncResult[Any], outbox.CapturedMessage]:
+        """The message Celery's ``apply_async`` would publish, built but not sent."""
         capture = outbox.CapturingProducer(self.name)
         result: AsyncResult[Any] = super().apply_async(
-            args, kwargs, task_id=task_id, producer=cast(Any, capture), link=link,
-            link_error=link_error, shadow=shadow, **options,
-        )  # fmt: skip
+            args, kwargs, producer=cast(Any, capture), **options
+        )
         if capture.message is None:
             raise ReliableTasksError(
                 f"Celery built no message for task {self.name!r}; nothing was enqueued"
             )
-        outbox.write(capture.message)
-        return result
+        return result, capture.message
 
     # -- execution ---------------------------------------------------------------------------
 
     def key_for(self, args: Any, kwargs: Any) -> str:
         """The idempotency key of an execution with these arguments."""
+        chosen = _header(self.request, KEY_HEADER)
+        if chosen:
+            # A requeue that renewed the key: it replaces the computed one.
+            return str(chosen)
         if self.key_func is None:
             return str(self.request.id)
         try:
@@ -186,45 +219,213 @@ class ReliableTask(Task[Any, Any]):
     def _lease_seconds(self) -> float:
         return float(self.lease or conf.LEASE_SECONDS)
 
+    def _retry_policy(self) -> RetryPolicy:
+        return self.retry_policy or conf.retry_policy()
+
 
 def _execute(task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     from . import ledger
 
-    name = task.name
-    key = task.key_for(args, kwargs)
-    fingerprint = ledger.fingerprint(args, kwargs)
-    # Celery's request context takes any attribute; the task reads the key back from it.
-    cast(Any, task.request).idempotency_key = key
-    hit = ledger.done_cache.get(name, key)
-    if hit is not None:
-        stored_fingerprint, stored = hit
-        return _duplicate(
-            task, key, fingerprint, stored_fingerprint, ledger.decode_result(stored), cached=True
+    started_at = timezone.now()
+    key = ""
+    try:
+        key = task.key_for(args, kwargs)
+        fingerprint = ledger.fingerprint(args, kwargs)
+        # Celery's request context takes any attribute; the task reads the key back from it.
+        cast(Any, task.request).idempotency_key = key
+        hit = ledger.done_cache.get(task.name, key)
+        if hit is not None:
+            stored_fingerprint, stored = hit
+            return _duplicate(
+                task,
+                key,
+                fingerprint,
+                stored_fingerprint,
+                ledger.decode_result(stored),
+                cached=True,
+            )
+        if _crash_loop(task, key, args, kwargs):
+            raise Ignore(f"dead task: delivered {conf.MAX_DELIVERIES} times without an outcome")
+        return _claim_and_run(task, key, fingerprint, args, kwargs)
+    except _CONTROL_FLOW:
+        raise
+    except (OperationalError, InterfaceError) as exc:
+        _database_down(task, exc)
+    except Exception as exc:  # noqa: BLE001 - every task error is recorded, then raised again
+        _failed(task, exc, started_at, args, kwargs, key)
+    raise AssertionError("not reached: the handlers above raise")  # pragma: no cover
+
+
+def _database_down(task: ReliableTask, exc: Exception) -> NoReturn:
+    """The database is the ledger: without it nothing may run or be recorded.
+
+    In atomic mode whatever ran was rolled back; in lease mode the lease runs out. The message
+    goes back to the queue and runs again when the database is back.
+    """
+    logger.warning(
+        "task %s[%s]: database unavailable (%s); message requeued", task.name, task.request.id, exc
+    )
+    time.sleep(DATABASE_DOWN_PAUSE)
+    raise Reject(exc, requeue=True) from exc
+
+
+def _failed(
+    task: ReliableTask, exc: Exception, started_at: datetime, args: Any, kwargs: Any, key: str
+) -> NoReturn:
+    """Record the failed attempt and schedule the next one, or make the task dead.
+
+    The attempt's record and the retry's outbox row (or the dead task) commit together; only
+    then does the worker acknowledge the message in hand.
+    """
+    from . import dead
+    from .models import DeadReason, TaskAttempt
+
+    request = task.request
+    if task.app.conf.task_always_eager:
+        raise exc  # eager mode runs inline with Celery's semantics: the error is the caller's
+    attempt = int(request.retries or 0) + 1
+    first_raw = _header(request, FIRST_ATTEMPT_HEADER)
+    first = datetime.fromisoformat(first_raw) if first_raw else started_at
+    previous = _header(request, PREVIOUS_DELAY_HEADER)
+    if isinstance(exc, IdempotencyKeyReused):
+        decision = Decision(retry=False, reason=DeadReason.KEY_REUSED, delay=0.0)
+    else:
+        decision = task._retry_policy().decide(
+            exc,
+            attempt=attempt,
+            elapsed=(timezone.now() - first).total_seconds(),
+            previous_delay=float(previous) if previous is not None else None,
+            requested_delay=exc.delay if isinstance(exc, RetryRequest) else None,
         )
+    try:
+        with transaction.atomic(using=conf.DATABASE):
+            TaskAttempt.objects.using(conf.DATABASE).create(
+                task_id=str(request.id), task_name=task.name, idempotency_key=key, number=attempt,
+                outcome=TaskAttempt.Outcome.FAILED, exc_type=dead.qualname(exc),
+                message=dead.truncate(str(exc), dead.MAX_MESSAGE),
+                traceback=dead.truncate(traceback.format_exc(), dead.MAX_TRACEBACK),
+                worker=request.hostname or socket.gethostname(), started_at=started_at,
+            )  # fmt: skip
+            headers = _carried_headers(request, {FIRST_ATTEMPT_HEADER: first.isoformat()})
+            if decision.retry:
+                headers[PREVIOUS_DELAY_HEADER] = decision.delay
+                task.signature_from_request(
+                    request,
+                    tuple(args),
+                    dict(kwargs),
+                    countdown=decision.delay,
+                    retries=attempt,
+                    headers=headers,
+                ).apply_async()
+            else:
+                replay_args, replay_kwargs, options = _replay_call(
+                    task, request, args, kwargs, headers
+                )
+                _, message = task._capture(replay_args, replay_kwargs, **options)
+                dead.capture(
+                    message,
+                    reason=decision.reason,
+                    args=args,
+                    kwargs=kwargs,
+                    idempotency_key=key,
+                    exc=exc,
+                )
+    except (OperationalError, InterfaceError) as db_exc:
+        _database_down(task, db_exc)
+    if decision.retry:
+        signals.task_retried.send(
+            sender=task.__class__,
+            task=task,
+            task_id=str(request.id),
+            attempt=attempt,
+            delay=decision.delay,
+            exc=exc,
+        )
+        raise CeleryRetry(
+            f"attempt {attempt} failed: {exc!r}", exc=exc, when=cast(Any, decision.delay)
+        ) from exc
+    raise exc
+
+
+def _replay_call(
+    task: ReliableTask, request: Any, args: Any, kwargs: Any, headers: dict[str, Any]
+) -> tuple[Any, ...]:
+    """``(args, kwargs, options)`` that rebuild the message in hand, for a dead task's record."""
+    signature = task.signature_from_request(
+        request, tuple(args), dict(kwargs), retries=0, headers=headers
+    )
+    options = dict(signature.options)
+    options.pop("redelivered", None)
+    return signature.args, signature.kwargs, options
+
+
+def _crash_loop(task: ReliableTask, key: str, args: Any, kwargs: Any) -> bool:
+    """On a redelivery, count the deliveries that ended without an outcome; dead after too many.
+
+    Only redelivered messages pay for this: a first delivery costs nothing extra.
+    """
+    request = task.request
+    if not (request.delivery_info or {}).get("redelivered"):
+        return False
+    from . import dead
+    from .models import DeadReason, IdempotencyKey, LedgerState, TaskAttempt
+
+    if (
+        IdempotencyKey.objects.using(conf.DATABASE)
+        .filter(task_name=task.name, key=key, state=LedgerState.DONE)
+        .exists()
+    ):
+        return False  # it finished, only its acknowledgement was lost: the duplicate path answers
+    with transaction.atomic(using=conf.DATABASE):
+        attempts = TaskAttempt.objects.using(conf.DATABASE)
+        attempts.create(
+            task_id=str(request.id), task_name=task.name, idempotency_key=key,
+            number=int(request.retries or 0) + 1, outcome=TaskAttempt.Outcome.LOST,
+            message="an earlier delivery of this message ended without an outcome "
+            "(worker killed, out of memory, or its connection lost)",
+            worker=request.hostname or socket.gethostname(),
+        )  # fmt: skip
+        lost = attempts.filter(task_id=str(request.id), outcome=TaskAttempt.Outcome.LOST).count()
+        if lost < conf.MAX_DELIVERIES:
+            return False
+        headers = _carried_headers(request, {})
+        replay_args, replay_kwargs, options = _replay_call(task, request, args, kwargs, headers)
+        _, message = task._capture(replay_args, replay_kwargs, **options)
+        dead.capture(
+            message, reason=DeadReason.CRASH_LOOP, args=args, kwargs=kwargs, idempotency_key=key
+        )
+    return True
+
+
+def _header(request: Any, name: str) -> Any:
+    """A custom message header: an attribute of the worker's request, or in eager ``headers``."""
+    value = getattr(request, name, None)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(name)
+    return value
+
+
+def _carried_headers(request: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """Headers a retry or a dead task's message keeps from the message in hand."""
+    headers = {
+        name: _header(request, name) for name in (KEY_HEADER,) if _header(request, name) is not None
+    }
+    headers.update(extra)
+    return headers
+
+
+def _claim_and_run(task: ReliableTask, key: str, fingerprint: str, args: Any, kwargs: Any) -> Any:
+    from . import ledger
+
     worker = task.request.hostname or socket.gethostname()
     task_id = str(task.request.id)
     lease = task._lease_seconds()
-    try:
-        if task.atomic:
-            with transaction.atomic(using=conf.DATABASE):
-                claim = ledger.claim(
-                    name, key, fingerprint, task_id=task_id, worker=worker, lease_seconds=lease
-                )
-                if claim.owned:
-                    return _run_atomic(task, claim, fingerprint, args, kwargs)
-        else:
-            with transaction.atomic(using=conf.DATABASE):
-                claim = ledger.claim(
-                    name, key, fingerprint, task_id=task_id, worker=worker, lease_seconds=lease
-                )
-    except (OperationalError, InterfaceError) as exc:
-        # The database is the ledger: without it nothing may run, and in atomic mode whatever
-        # ran was rolled back. Put the message back for when the database returns.
-        logger.warning(
-            "task %s[%s]: database unavailable (%s); message requeued", name, task.request.id, exc
+    with transaction.atomic(using=conf.DATABASE):
+        claim = ledger.claim(
+            task.name, key, fingerprint, task_id=task_id, worker=worker, lease_seconds=lease
         )
-        time.sleep(DATABASE_DOWN_PAUSE)
-        raise Reject(exc, requeue=True) from exc
+        if claim.owned and task.atomic:
+            return _run_atomic(task, claim, fingerprint, args, kwargs)
     if not claim.owned:
         return _not_owned(task, claim, fingerprint)
     return _run_leased(task, claim, fingerprint, args, kwargs)

@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from celery import Task, signature
+from celery.exceptions import Retry as CeleryRetry
 from django.utils import timezone
 from kombu import serialization
 
@@ -93,12 +94,14 @@ def run_enqueued(*, include_future: bool = True, max_tasks: int = 1000) -> list[
     """Run pending outbox rows inline until none is left; return their results in order.
 
     Tasks that enqueue more tasks (chains, callbacks, your own ``delay()`` calls) have those
-    run too. Rows due later run as well unless ``include_future`` is False. A task that
+    run too. A failed attempt's retry runs at once, without its backoff, until the retry policy
+    gives up; then the task's error is raised. Rows due later run as well unless ``include_future`` is False. A task that
     fails raises here, as a test would want. ``max_tasks`` stops a task that keeps
     enqueueing itself.
     """
     app = get_celery_app()
     results: list[Any] = []
+    ran = 0
     while True:
         pending = enqueued()
         if not include_future:
@@ -107,18 +110,24 @@ def run_enqueued(*, include_future: bool = True, max_tasks: int = 1000) -> list[
         if not pending:
             return results
         for entry in pending:
-            if len(results) >= max_tasks:
+            if ran >= max_tasks:
                 raise AssertionError(
                     f"run_enqueued ran {max_tasks} tasks and the outbox is not empty yet"
                 )
+            ran += 1
             OutboxMessage.objects.using(conf.DATABASE).filter(pk=entry.id).update(
                 status=OutboxStatus.DISPATCHED, dispatched_at=timezone.now()
             )
             task = app.tasks[entry.task_name]
-            outcome = task.apply(
-                entry.args, entry.kwargs, task_id=entry.task_id, headers=entry.headers, throw=True,
-                link=entry.embed.get("callbacks"), link_error=entry.embed.get("errbacks"),
-            )  # fmt: skip
+            try:
+                outcome = task.apply(
+                    entry.args, entry.kwargs, task_id=entry.task_id, headers=entry.headers, throw=True,
+                    retries=entry.headers.get("retries") or 0,
+                    link=entry.embed.get("callbacks"), link_error=entry.embed.get("errbacks"),
+                )  # fmt: skip
+            except CeleryRetry:
+                # The next attempt is in the outbox already; this loop runs it without waiting.
+                continue
             results.append(outcome.result)
             _continue_chain(entry, outcome.result)
 

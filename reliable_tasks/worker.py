@@ -1,20 +1,23 @@
-"""A Celery worker bootstep that hosts a relay thread, for small deployments.
+"""Celery worker bootsteps: capture the messages Celery would discard, host a relay.
 
-Add it in your Celery module, beside the app::
+Install both in your Celery module, beside the app::
 
-    from reliable_tasks.worker import RelayStep
+    import reliable_tasks.worker
 
-    app.steps["worker"].add(RelayStep)
+    reliable_tasks.worker.install(app)
 
-and set ``RELIABLE_TASKS_RELAY_IN_WORKER = True``. Each worker then runs one relay thread;
-on PostgreSQL several such relays share the outbox safely. This module imports no models,
-so the Celery module may import it before Django is set up.
+``DeadLetterStep`` turns a message that names no registered task, has no task header, or
+cannot be decoded into a dead task (with the raw message) instead of Celery's "discarded".
+``RelayStep`` runs a relay thread in each worker when ``RELIABLE_TASKS_RELAY_IN_WORKER`` is
+True (small deployments; on PostgreSQL several such relays share the outbox safely). This
+module imports no models, so the Celery module may import it before Django is set up.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
@@ -23,6 +26,16 @@ if TYPE_CHECKING:
     from .relay import Relay
 
 logger = logging.getLogger("reliable_tasks.worker")
+
+# A message that cannot be stored as a dead task while the database is down goes back to the
+# queue after this pause, rather than being discarded.
+DATABASE_DOWN_PAUSE = 1.0
+
+
+def install(app: Any) -> None:
+    """Add reliable_tasks' bootsteps to a Celery app's workers."""
+    app.steps["worker"].add(RelayStep)
+    app.steps["consumer"].add(DeadLetterStep)
 
 
 class RelayStep(bootsteps.StartStopStep):
@@ -67,3 +80,80 @@ class RelayStep(bootsteps.StartStopStep):
             self.thread.join(timeout=30)
 
     shutdown = stop
+
+
+class DeadLetterStep(bootsteps.StartStopStep):
+    """Keeps what Celery's consumer would discard: each such message becomes a dead task.
+
+    Celery logs and drops a message for an unknown task, one without a task header, and one it
+    cannot decode. This step wraps the consumer's handlers for those cases: the message is
+    stored first (with its raw body), and only then acknowledged or rejected as before.
+    """
+
+    label = "reliable_tasks dead letters"
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        # The task handler reads these attributes when the consumer starts: patch them now.
+        unknown_message, unknown_task = c.on_unknown_message, c.on_unknown_task
+        invalid_task, decode_error = c.on_invalid_task, c.on_decode_error
+
+        def on_unknown_message(body: Any, message: Any) -> None:
+            if _keep(
+                message,
+                "undecodable",
+                "the message has no task header: it is no Celery task message",
+            ):
+                unknown_message(body, message)
+
+        def on_unknown_task(body: Any, message: Any, exc: BaseException) -> None:
+            name = (message.headers or {}).get("task")
+            if _keep(
+                message,
+                "unregistered",
+                f"no task named {name!r} is registered in this worker ({exc!r})",
+            ):
+                unknown_task(body, message, exc)
+
+        def on_invalid_task(body: Any, message: Any, exc: BaseException) -> None:
+            if _keep(message, "undecodable", f"the message is not a valid task message: {exc!r}"):
+                invalid_task(body, message, exc)
+
+        def on_decode_error(message: Any, exc: BaseException) -> None:
+            if _keep(message, "undecodable", f"the body cannot be decoded: {exc!r}"):
+                decode_error(message, exc)
+
+        c.on_unknown_message = on_unknown_message
+        c.on_unknown_task = on_unknown_task
+        c.on_invalid_task = on_invalid_task
+        c.on_decode_error = on_decode_error
+
+
+def _keep(message: Any, reason: str, error: str) -> bool:
+    """Store ``message`` as a dead task; False (and the message requeued) if that failed."""
+    from django.db import DatabaseError
+
+    from . import dead
+
+    info = message.delivery_info or {}
+    raw = dead.RawMessage(
+        headers=dict(message.headers or {}),
+        properties={
+            k: v for k, v in (message.properties or {}).items() if k != "application_headers"
+        },
+        body=message.body,
+        content_type=message.content_type or "",
+        content_encoding=message.content_encoding or "",
+        exchange=str(info.get("exchange") or ""),
+        routing_key=str(info.get("routing_key") or ""),
+    )
+    try:
+        dead.capture_raw(raw, reason=reason, error=error, queue=str(info.get("routing_key") or ""))
+    except DatabaseError:
+        logger.exception(
+            "could not store a %s message as a dead task; it goes back to the queue", reason
+        )
+        time.sleep(DATABASE_DOWN_PAUSE)
+        message.reject(requeue=True)
+        return False
+    return True

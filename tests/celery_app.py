@@ -12,7 +12,8 @@ app = Celery("tests")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["tests.testapp"])
 
-from reliable_tasks.worker import RelayStep  # noqa: E402 - after the app, as users would write it
+import reliable_tasks.worker  # noqa: E402 - after the app, as users would write it
 
-# Runs only where RELIABLE_TASKS_RELAY_IN_WORKER is on (RT_TEST_RELAY_IN_WORKER=1).
-app.steps["worker"].add(RelayStep)
+# Dead letters always; the relay step only where RELIABLE_TASKS_RELAY_IN_WORKER is on
+# (RT_TEST_RELAY_IN_WORKER=1).
+reliable_tasks.worker.install(app)
