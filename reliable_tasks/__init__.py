@@ -11,8 +11,10 @@ from .exceptions import (
     PayloadNotSerializable,
     PayloadTooLarge,
     ReliableTasksError,
+    Retry,
     UnsupportedOption,
 )
+from .retry import RetryPolicy
 from .task import ReliableTask, reliable_task
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "PayloadTooLarge",
     "ReliableTask",
     "ReliableTasksError",
+    "Retry",
+    "RetryPolicy",
     "UnsupportedOption",
     "reliable_task",
 ]

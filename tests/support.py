@@ -160,3 +160,84 @@ def effects(key_prefix: str = "") -> list[str]:
     from tests.testapp.models import Effect
 
     return list(Effect.objects.filter(key__startswith=key_prefix).values_list("key", flat=True))
+
+
+def make_dead_task(
+    task: Any,
+    *args: Any,
+    reason: str = "exhausted",
+    exc_type: str = "tests.testapp.tasks.GatewayTimeout",
+    exc_message: str = "the payment gateway timed out",
+    attempts: int = 3,
+    save: bool = True,
+    **fields: Any,
+) -> Any:
+    """A dead task holding a real message: ``task`` is enqueued with ``args`` through the outbox.
+
+    The outbox row is marked dispatched (as the relay would have), and the dead task copies its
+    message, as ``reliable_tasks.dead.capture`` does after ``attempts`` failures. ``fields``
+    override DeadTask fields (``task_name``, ``exc_message``, ...). With ``save=False`` the
+    dead task is returned unsaved, for ``bulk_create``.
+    """
+    from datetime import timedelta
+
+    from django.utils import timezone
+    from kombu import serialization
+
+    from reliable_tasks.models import DeadTask, OutboxMessage, OutboxStatus
+
+    result = task.delay(*args)
+    row = OutboxMessage.objects.get(task_id=result.id)
+    OutboxMessage.objects.filter(pk=row.pk).update(
+        status=OutboxStatus.DISPATCHED, dispatched_at=timezone.now()
+    )
+    decoded_args, decoded_kwargs, _embed = serialization.loads(
+        row.body, row.content_type, row.content_encoding, accept=[row.content_type]
+    )
+    now = timezone.now()
+    started = [now - timedelta(minutes=10 * (attempts - n)) for n in range(attempts)]
+    recorded = [
+        {
+            "number": n + 1,
+            "outcome": "failed",
+            "exc_type": exc_type,
+            "message": exc_message,
+            "traceback": (
+                "Traceback (most recent call last):\n"
+                f'  File "/app/tests/testapp/tasks.py", line 21, in {row.task_name.rpartition(".")[2]}\n'
+                "    gateway.charge(order)\n"
+                f"{exc_type}: {exc_message}\n"
+            ),
+            "worker": "celery@worker-1",
+            "started_at": start.isoformat(),
+            "ended_at": (start + timedelta(seconds=1.5)).isoformat(),
+        }
+        for n, start in enumerate(started)
+    ]
+    values: dict[str, Any] = {
+        "task_id": row.task_id,
+        "task_name": row.task_name,
+        "args": decoded_args,
+        "kwargs": decoded_kwargs,
+        "idempotency_key": row.task_id,
+        "queue": row.queue,
+        "exchange": row.exchange,
+        "routing_key": row.routing_key,
+        "headers": row.headers,
+        "properties": row.properties,
+        "body": row.body,
+        "content_type": row.content_type,
+        "content_encoding": row.content_encoding,
+        "reason": reason,
+        "exc_type": exc_type,
+        "exc_message": exc_message,
+        "attempts": recorded,
+        "attempt_count": attempts,
+        "first_failed_at": started[0] if started else now,
+        "last_failed_at": now,
+    }
+    values.update(fields)
+    dead = DeadTask(**values)
+    if save:
+        dead.save()
+    return dead

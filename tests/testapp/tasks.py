@@ -10,7 +10,7 @@ from typing import Any
 from celery import shared_task
 from django.dispatch import receiver
 
-from reliable_tasks import ReliableTask, reliable_task
+from reliable_tasks import ReliableTask, Retry, RetryPolicy, reliable_task
 from reliable_tasks.signals import task_deferred, task_duplicate
 
 from .models import Effect, Observed
@@ -114,3 +114,62 @@ def _seen_deferral(sender: Any, task: Any, key: str, delay: float, **kwargs: Any
 def write_then_fail(key: str) -> None:
     Effect.objects.create(key=key)
     raise ValueError(f"{key} failed after its write")
+
+
+# -- retries and dead tasks ---------------------------------------------------------------------
+
+
+class GatewayTimeout(Exception):
+    """A transient error of a payment gateway."""
+
+
+class CardDeclined(Exception):
+    """A final answer: retrying cannot help."""
+
+
+@reliable_task(
+    bind=True,
+    retry=RetryPolicy(
+        max_attempts=3, base=1.0, cap=10.0, retry_on=(GatewayTimeout,), give_up_on=(CardDeclined,)
+    ),
+)
+def pay(self: ReliableTask, order_id: int, outcome: str = "ok") -> str:
+    """Fails as told: 'timeout' always, 'declined', 'retry-after', or 'fail-once' (a marker file)."""
+    if outcome == "timeout":
+        raise GatewayTimeout(f"gateway timed out for order {order_id}")
+    if outcome == "declined":
+        raise CardDeclined(f"card declined for order {order_id}")
+    if outcome == "bug":
+        raise KeyError("a programming error, not worth a retry")
+    if outcome == "retry-after":
+        raise Retry(delay=30, reason="the gateway said Retry-After: 30")
+    if outcome == "fail-once":
+        marker = SIGNAL_DIR / f"failed-once-{order_id}"
+        if not marker.exists():
+            marker.touch()
+            raise GatewayTimeout(f"first attempt for order {order_id} timed out")
+    Effect.objects.create(key=f"pay:{order_id}", task_id=self.request.id)
+    return f"paid {order_id}"
+
+
+@reliable_task(retry=RetryPolicy(max_attempts=50, base=5.0, cap=5.0, jitter="none", deadline=8.0))
+def with_deadline(key: str) -> None:
+    raise GatewayTimeout(f"{key} times out")
+
+
+@reliable_task(bind=True)
+def kill_own_worker(self: ReliableTask, key: str) -> None:
+    """A poison task: it kills the process that runs it, every time."""
+    announce(f"killing-{key}-{self.request.retries}")
+    os.kill(os.getpid(), 9)
+
+
+@reliable_task(retry=RetryPolicy(max_attempts=3, base=3.0, cap=3.0, jitter="none"))
+def flaky(key: str) -> str:
+    """Fails its first attempt (a marker file), then succeeds; the retry waits 3 s."""
+    marker = SIGNAL_DIR / f"flaky-{key}"
+    if not marker.exists():
+        marker.touch()
+        raise GatewayTimeout(f"{key}: first attempt fails")
+    Effect.objects.create(key=f"flaky:{key}")
+    return key

@@ -1,0 +1,116 @@
+"""Retries survive restarts; poison messages become dead tasks and the queue keeps flowing."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from kombu import Producer
+
+from reliable_tasks.models import DeadTask, OutboxMessage, TaskAttempt
+from tests.e2e.test_idempotency_faults import queue_counts
+from tests.support import QUEUE, Broker, ProcessFactory, effects, rabbitmqctl, wait_for
+from tests.testapp.tasks import flaky, kill_own_worker, record
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+
+@pytest.fixture
+def signal_env(tmp_path: Path) -> dict[str, str]:
+    return {"RT_TEST_SIGNAL_DIR": str(tmp_path)}
+
+
+@pytest.fixture
+def broker_restarts() -> object:
+    yield None
+    rabbitmqctl("start_app")
+    rabbitmqctl("await_startup")
+
+
+def test_a_waiting_retry_survives_a_broker_and_worker_restart(
+    broker: Broker, processes: ProcessFactory, signal_env: dict[str, str], broker_restarts: object
+) -> None:
+    processes.relay()
+    worker = processes.worker(env=signal_env)
+    flaky.delay("survivor")
+    wait_for(lambda: TaskAttempt.objects.exists(), timeout=60, what="the first attempt to fail")
+    # The retry waits in the outbox, not in the broker: no message is held unacknowledged.
+    assert OutboxMessage.objects.filter(status="pending").count() == 1
+    assert queue_counts() == (0, 0)
+    broker.close()
+    rabbitmqctl("stop_app")
+    processes.kill(worker, signal.SIGKILL)
+    processes.worker(env=signal_env)
+    time.sleep(4)  # the retry falls due while the broker is down
+    rabbitmqctl("start_app")
+    rabbitmqctl("await_startup")
+    wait_for(
+        lambda: effects("flaky:survivor"), timeout=90, what="the retry to run after the restarts"
+    )
+    assert effects("flaky:survivor") == ["flaky:survivor"]
+    assert not DeadTask.objects.exists()
+
+
+def test_a_task_that_kills_its_worker_every_time_becomes_dead_and_the_queue_flows(
+    broker: Broker, processes: ProcessFactory, signal_env: dict[str, str]
+) -> None:
+    processes.relay()
+    worker = processes.worker(env={**signal_env, "RT_TEST_MAX_DELIVERIES": "3"})
+    kill_own_worker.delay("poison")
+    record.delay("after-the-poison")
+    wait_for(
+        lambda: DeadTask.objects.exists(), timeout=120, what="the poison task to be declared dead"
+    )
+    dead = DeadTask.objects.get()
+    assert dead.reason == "crash_loop"
+    assert dead.task_name == kill_own_worker.name
+    assert dead.args == ["poison"]
+    assert [a["outcome"] for a in dead.attempts] == ["lost", "lost", "lost"]
+    wait_for(lambda: effects("after-the-poison"), timeout=60, what="the next task to run")
+    wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")
+    assert worker.poll() is None
+
+
+def publish_raw(
+    broker: Broker,
+    body: bytes | str,
+    headers: dict[str, object],
+    content_type: str = "application/json",
+) -> None:
+    Producer(broker.channel).publish(
+        body, routing_key=QUEUE, headers=headers, content_type=content_type, content_encoding="utf-8",
+        delivery_mode=2, correlation_id=str(headers.get("id", "")),
+    )  # fmt: skip
+
+
+def test_messages_celery_would_discard_become_dead_tasks_and_the_queue_flows(
+    broker: Broker, processes: ProcessFactory
+) -> None:
+    unknown_id = str(uuid.uuid4())
+    publish_raw(
+        broker,
+        json.dumps([["a", 1], {"k": "v"}, {}]),
+        {"id": unknown_id, "task": "tests.testapp.tasks.no_such_task", "lang": "py"},
+    )
+    publish_raw(broker, json.dumps([[], {}, {}]), {"lang": "py"})  # no task header at all
+    truncated_id = str(uuid.uuid4())
+    publish_raw(broker, b'[["trunc', {"id": truncated_id, "task": record.name, "lang": "py"})
+    record.delay("after-the-junk")
+    processes.relay()
+    processes.worker()
+    wait_for(lambda: effects("after-the-junk"), timeout=60, what="the good task after the junk")
+    wait_for(lambda: DeadTask.objects.count() >= 3, timeout=30, what="the junk to be kept")
+    unknown = DeadTask.objects.get(task_id=unknown_id)
+    assert unknown.reason == "unregistered"
+    assert unknown.task_name == "tests.testapp.tasks.no_such_task"
+    assert (unknown.args, unknown.kwargs) == (["a", 1], {"k": "v"})
+    assert "no task named 'tests.testapp.tasks.no_such_task' is registered" in unknown.exc_message
+    assert DeadTask.objects.filter(reason="undecodable", task_name="").exists()
+    truncated = DeadTask.objects.get(task_id=truncated_id)
+    assert (truncated.reason, truncated.task_name) == ("undecodable", record.name)
+    assert truncated.body == '[["trunc'
+    wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")

@@ -1,0 +1,178 @@
+"""Retries are outbox rows written with the failed attempt; tasks that give up become dead."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from django.utils import timezone
+
+from reliable_tasks import dead, testing
+from reliable_tasks.models import DeadTask, IdempotencyKey, OutboxMessage, TaskAttempt
+from tests.testapp.models import Effect
+from tests.testapp.tasks import charge, pay, record, with_deadline
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def _signal_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tests.testapp.tasks.SIGNAL_DIR", tmp_path)
+
+
+def test_a_failed_attempt_writes_its_record_and_the_next_attempt_due_after_the_backoff() -> None:
+    before = timezone.now()
+    outcome = pay.apply((1,), {"outcome": "timeout"}, task_id="pay-1")
+    assert outcome.state == "RETRY"
+    [attempt] = TaskAttempt.objects.all()
+    assert (attempt.task_id, attempt.number, attempt.outcome) == ("pay-1", 1, "failed")
+    assert attempt.exc_type == "tests.testapp.tasks.GatewayTimeout"
+    assert "gateway timed out for order 1" in attempt.message
+    assert "raise GatewayTimeout" in attempt.traceback
+    [retry] = OutboxMessage.objects.all()
+    assert retry.task_id == "pay-1"
+    assert retry.headers["retries"] == 1
+    assert retry.headers["reliable_first_attempt"]
+    # Full jitter on a 1 s base: the first wait is within [0, 1] s.
+    assert before <= retry.due_at <= timezone.now() + dt.timedelta(seconds=1)
+    assert 0 <= retry.headers["reliable_previous_delay"] <= 1
+
+
+def test_retries_exhausted_make_a_dead_task_with_every_attempt() -> None:
+    with pytest.raises(Exception, match="gateway timed out for order 2"):
+        pay.apply_async((2,), {"outcome": "timeout"})
+        testing.run_enqueued()
+    [task] = DeadTask.objects.all()
+    assert task.reason == "exhausted"
+    assert task.task_name == pay.name
+    assert task.args == [2]
+    assert task.kwargs == {"outcome": "timeout"}
+    assert task.exc_type == "tests.testapp.tasks.GatewayTimeout"
+    assert task.attempt_count == 3
+    assert [a["number"] for a in task.attempts] == [1, 2, 3]
+    assert all("GatewayTimeout" in a["traceback"] for a in task.attempts)
+    assert task.status == "dead"
+    assert testing.enqueued() == []
+
+
+def test_a_give_up_exception_makes_the_task_dead_at_once() -> None:
+    outcome = pay.apply((3,), {"outcome": "declined"})
+    assert outcome.failed()
+    [task] = DeadTask.objects.all()
+    assert (task.reason, task.attempt_count) == ("give_up", 1)
+    assert task.exc_message == "card declined for order 3"
+    assert not OutboxMessage.objects.exists()
+
+
+def test_an_exception_outside_retry_on_is_not_retried() -> None:
+    outcome = pay.apply((4,), {"outcome": "bug"})
+    assert isinstance(outcome.result, KeyError)
+    [task] = DeadTask.objects.all()
+    assert (task.reason, task.exc_type, task.attempt_count) == (
+        "not_retryable",
+        "builtins.KeyError",
+        1,
+    )
+    assert not OutboxMessage.objects.exists()
+
+
+def test_retry_requested_by_the_task_uses_its_delay() -> None:
+    outcome = pay.apply((6,), {"outcome": "retry-after"})
+    assert outcome.state == "RETRY"
+    [retry] = OutboxMessage.objects.all()
+    wait = (retry.due_at - timezone.now()).total_seconds()
+    assert 28 < wait <= 30
+
+
+def test_a_passed_deadline_stops_the_retries() -> None:
+    # 5 s waits and an 8 s deadline: a first attempt may retry...
+    assert with_deadline.apply(("fresh",)).state == "RETRY"
+    # ...but not one whose run of attempts began 4 s ago (4 + 5 > 8).
+    began = (timezone.now() - dt.timedelta(seconds=4)).isoformat()
+    late = with_deadline.apply(("late",), headers={"reliable_first_attempt": began}, retries=1)
+    assert late.failed()
+    [task] = DeadTask.objects.all()
+    assert (task.reason, task.args) == ("deadline", ["late"])
+
+
+def test_a_key_reused_with_other_arguments_becomes_a_dead_task() -> None:
+    charge.apply((9,), {"amount": 10})
+    charge.apply((9,), {"amount": 11})
+    [task] = DeadTask.objects.all()
+    assert task.reason == "key_reused"
+    assert task.idempotency_key == "charge:9"
+    assert task.kwargs == {"amount": 11}
+
+
+def _dead_pay(order_id: int) -> DeadTask:
+    with pytest.raises(Exception, match="timed out"):
+        pay.delay(order_id, outcome="timeout")
+        testing.run_enqueued()
+    return DeadTask.objects.get(args=[order_id])
+
+
+def test_requeue_sends_the_same_message_again_through_the_outbox() -> None:
+    task = _dead_pay(7)
+    row = dead.requeue(task, args=[7], kwargs={"outcome": "ok"}, user="ops")
+    task.refresh_from_db()
+    assert (task.status, task.status_changed_by, task.requeued_outbox_id) == (
+        "requeued",
+        "ops",
+        row.pk,
+    )
+    assert row.task_id == task.task_id
+    assert row.headers["retries"] == 0
+    assert "reliable_first_attempt" not in row.headers
+    assert testing.run_enqueued() == ["paid 7"]
+    assert Effect.objects.filter(key="pay:7").count() == 1
+
+
+def test_requeue_with_a_renewed_key_runs_under_a_new_key_and_task_id() -> None:
+    # A dead task whose key is done already would only be a duplicate; a renewed key runs.
+    record.delay("again")
+    row = OutboxMessage.objects.get(status="pending")
+    source = DeadTask.objects.create(
+        task_id=row.task_id, task_name=row.task_name, args=["again"], kwargs={}, idempotency_key=row.task_id,
+        queue=row.queue, exchange=row.exchange, routing_key=row.routing_key, headers=row.headers,
+        properties=row.properties, body=row.body, content_type=row.content_type,
+        content_encoding=row.content_encoding, reason="exhausted",
+    )  # fmt: skip
+    testing.run_enqueued()
+    renewed = dead.requeue(source, renew_key=True)
+    assert renewed.task_id != row.task_id
+    assert renewed.headers["reliable_idempotency_key"].startswith(f"{row.task_id}:requeue:")
+    testing.run_enqueued()
+    assert Effect.objects.filter(key="again").count() == 2
+    assert IdempotencyKey.objects.filter(
+        key=renewed.headers["reliable_idempotency_key"], state="done"
+    ).exists()
+
+
+def test_discard_keeps_the_record_and_bulk_actions_take_only_dead_ones() -> None:
+    first, second = _dead_pay(11), _dead_pay(12)
+    dead.discard(first, user="ops")
+    assert dead.requeue_many(DeadTask.objects.all(), user="ops") == 1
+    statuses = sorted(
+        (args[0], status) for args, status in DeadTask.objects.values_list("args", "status")
+    )
+    assert statuses == [(11, "discarded"), (12, "requeued")]
+    second.refresh_from_db()
+    assert OutboxMessage.objects.get(pk=second.requeued_outbox_id).status == "pending"
+
+
+def test_an_undecodable_dead_task_cannot_be_requeued() -> None:
+    task = dead.capture_raw(
+        dead.RawMessage(
+            headers={"task": "x", "id": "1"},
+            properties={},
+            body=b"\xff\xfe\x00",
+            content_type="application/json",
+            content_encoding="utf-8",
+        ),
+        reason="undecodable",
+        error="bad bytes",
+    )
+    assert task.content_encoding == "base64"
+    with pytest.raises(dead.CannotRequeue, match="could not be decoded"):
+        dead.requeue(task)
