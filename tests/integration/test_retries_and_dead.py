@@ -40,8 +40,8 @@ def test_a_failed_attempt_writes_its_record_and_the_next_attempt_due_after_the_b
 
 
 def test_retries_exhausted_make_a_dead_task_with_every_attempt() -> None:
+    pay.apply_async((2,), {"outcome": "timeout"})
     with pytest.raises(Exception, match="gateway timed out for order 2"):
-        pay.apply_async((2,), {"outcome": "timeout"})
         testing.run_enqueued()
     [task] = DeadTask.objects.all()
     assert task.reason == "exhausted"
@@ -106,8 +106,8 @@ def test_a_key_reused_with_other_arguments_becomes_a_dead_task() -> None:
 
 
 def _dead_pay(order_id: int) -> DeadTask:
+    pay.delay(order_id, outcome="timeout")
     with pytest.raises(Exception, match="timed out"):
-        pay.delay(order_id, outcome="timeout")
         testing.run_enqueued()
     return DeadTask.objects.get(args=[order_id])
 
