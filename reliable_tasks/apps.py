@@ -7,3 +7,9 @@ class ReliableTasksConfig(AppConfig):
     name = "reliable_tasks"
     verbose_name = "Reliable tasks"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from . import checks  # noqa: F401 - importing registers the system checks
+        from .integrations import sentry
+
+        sentry.connect()

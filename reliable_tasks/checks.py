@@ -1,0 +1,3 @@
+"""System checks (``python manage.py check``): configurations that would lose or repeat work."""
+
+from __future__ import annotations
