@@ -12,6 +12,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from django.db import transaction
@@ -75,6 +76,38 @@ def attempts_of(task_id: str) -> list[dict[str, Any]]:
         }
         for a in rows
     ]
+
+
+def trim_attempts(task_id: str, *, newest: int) -> None:
+    """Keep the latest ``RELIABLE_TASKS_MAX_RECORDED_ATTEMPTS`` attempts of a task id."""
+    keep = conf.MAX_RECORDED_ATTEMPTS
+    if newest <= keep:
+        return  # fewer attempts than the limit: nothing to drop, no query
+    attempts = TaskAttempt.objects.using(conf.DATABASE).filter(task_id=task_id)
+    old = list(attempts.order_by("-id").values_list("pk", flat=True)[keep:])
+    if old:
+        attempts.filter(pk__in=old).delete()
+
+
+def prune(*, limit: int, now: datetime | None = None) -> int:
+    """Delete up to ``limit`` requeued or discarded dead tasks and attempt records past
+    ``RELIABLE_TASKS_DEAD_TASK_RETENTION``. Dead tasks nobody acted on are kept.
+    """
+    cutoff = (now or timezone.now()) - conf.DEAD_TASK_RETENTION
+    tasks = DeadTask.objects.using(conf.DATABASE)
+    ids = list(
+        tasks.filter(
+            status__in=[DeadStatus.REQUEUED, DeadStatus.DISCARDED], status_changed_at__lt=cutoff
+        ).values_list("pk", flat=True)[:limit]
+    )
+    deleted = tasks.filter(pk__in=ids).delete()[0] if ids else 0
+    attempts = TaskAttempt.objects.using(conf.DATABASE)
+    old = list(
+        attempts.filter(ended_at__lt=cutoff).values_list("pk", flat=True)[: max(0, limit - deleted)]
+    )
+    if old:
+        deleted += attempts.filter(pk__in=old).delete()[0]
+    return deleted
 
 
 def capture(

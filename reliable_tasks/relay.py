@@ -30,7 +30,7 @@ from django.db.models import F, Min
 from django.utils import timezone
 from kombu import Connection, Producer, Queue
 
-from . import ledger, outbox
+from . import dead, ledger, outbox
 from .conf import conf
 from .models import OutboxMessage, OutboxStatus, RelayHeartbeat
 from .retry import backoff
@@ -580,10 +580,12 @@ class Relay:
             self._next_prune = now + interval
             rows = outbox.prune(limit=conf.PRUNE_BATCH_SIZE)
             keys = ledger.prune(limit=conf.PRUNE_BATCH_SIZE)
-            if rows or keys:
+            old = dead.prune(limit=conf.PRUNE_BATCH_SIZE)
+            if rows or keys or old:
                 logger.info(
-                    "relay %s pruned %d outbox rows and %d idempotency keys", self.name, rows, keys
-                )
+                    "relay %s pruned %d outbox rows, %d idempotency keys, %d old dead tasks and attempts",
+                    self.name, rows, keys, old,
+                )  # fmt: skip
 
     def _beat(self, stopped: bool = False) -> None:
         now = timezone.now()

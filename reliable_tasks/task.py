@@ -306,6 +306,7 @@ def _failed(
                 traceback=dead.truncate(traceback.format_exc(), dead.MAX_TRACEBACK),
                 worker=request.hostname or socket.gethostname(), started_at=started_at,
             )  # fmt: skip
+            dead.trim_attempts(str(request.id), newest=attempt)
             headers = _carried_headers(request, {FIRST_ATTEMPT_HEADER: first.isoformat()})
             if decision.retry:
                 headers[PREVIOUS_DELAY_HEADER] = decision.delay

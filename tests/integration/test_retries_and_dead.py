@@ -6,6 +6,7 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from django.test import override_settings
 from django.utils import timezone
 
 from reliable_tasks import dead, testing
@@ -176,3 +177,23 @@ def test_an_undecodable_dead_task_cannot_be_requeued() -> None:
     assert task.content_encoding == "base64"
     with pytest.raises(dead.CannotRequeue, match="could not be decoded"):
         dead.requeue(task)
+
+
+def test_only_the_latest_attempts_are_kept() -> None:
+    with override_settings(RELIABLE_TASKS_MAX_RECORDED_ATTEMPTS=2):
+        pay.delay(21, outcome="timeout")
+        with pytest.raises(Exception, match="timed out"):
+            testing.run_enqueued()
+    assert list(TaskAttempt.objects.values_list("number", flat=True)) == [2, 3]
+    assert [a["number"] for a in DeadTask.objects.get().attempts] == [2, 3]
+
+
+def test_prune_removes_acted_on_dead_tasks_and_old_attempts_but_keeps_dead_ones() -> None:
+    acted, untouched = _dead_pay(31), _dead_pay(32)
+    dead.discard(acted)
+    long_ago = timezone.now() - dt.timedelta(days=31)
+    DeadTask.objects.update(status_changed_at=long_ago, last_failed_at=long_ago)
+    TaskAttempt.objects.update(ended_at=long_ago)
+    assert dead.prune(limit=100) == 1 + 6
+    assert list(DeadTask.objects.values_list("pk", flat=True)) == [untouched.pk]
+    assert not TaskAttempt.objects.exists()

@@ -9,7 +9,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from reliable_tasks import ledger, outbox
+from reliable_tasks import dead, ledger, outbox
 from reliable_tasks.conf import conf
 
 
@@ -72,7 +72,10 @@ class Command(BaseCommand):
             raise CommandError(f"--batch-size must be at least 1, got {limit}")
         rows = _repeat(outbox.prune, limit)
         keys = _repeat(ledger.prune, limit)
-        self.stdout.write(f"pruned {rows} dispatched outbox rows and {keys} idempotency keys")
+        old = _repeat(dead.prune, limit)
+        self.stdout.write(
+            f"pruned {rows} dispatched outbox rows, {keys} idempotency keys and {old} old dead tasks and attempt records"
+        )
 
 
 def _repeat(prune: Callable[..., int], limit: int) -> int:
