@@ -9,7 +9,11 @@ class ReliableTasksConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401 - importing registers the system checks
+        from . import (
+            checks,  # noqa: F401 - importing registers the system checks
+            metrics,
+        )
         from .integrations import sentry
 
+        metrics.connect()
         sentry.connect()

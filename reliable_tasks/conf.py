@@ -105,6 +105,16 @@ SETTINGS: dict[str, Setting] = {
         (timedelta,),
         "How long requeued or discarded dead tasks are kept; dead ones are kept until acted on.",
     ),
+    "HEALTH_RELAY_MAX_SILENCE": Setting(
+        30.0,
+        (int, float),
+        "health/ fails when no running relay has sent a heartbeat for this many seconds.",
+    ),
+    "HEALTH_MAX_DUE_AGE": Setting(
+        60.0,
+        (int, float),
+        "health/ fails when the oldest due outbox row has waited longer than this, in seconds.",
+    ),
     "PRUNE_BATCH_SIZE": Setting(1000, (int,), "Rows deleted per statement when pruning."),
     "CELERY_APP": Setting(
         None,

@@ -39,6 +39,9 @@ class OutboxMessage(models.Model):
     dispatched_at = models.DateTimeField(null=True, blank=True)
     publish_attempts = models.PositiveIntegerField(default=0)
     last_error = models.TextField(blank=True)
+    retries = models.PositiveIntegerField(
+        default=0, help_text="0 for a first attempt; n for the n-th retry."
+    )
 
     class Meta:
         db_table = "reliable_tasks_outbox"

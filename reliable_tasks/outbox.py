@@ -31,6 +31,8 @@ KEY_HEADER = "reliable_idempotency_key"
 FIRST_ATTEMPT_HEADER = "reliable_first_attempt"
 #: The wait before this attempt, for decorrelated jitter.
 PREVIOUS_DELAY_HEADER = "reliable_previous_delay"
+#: When the task was enqueued (ISO 8601), for the enqueue-to-start latency.
+ENQUEUED_AT_HEADER = "reliable_enqueued_at"
 
 # What an AMQP message can carry besides headers and body; kombu drops anything else too.
 _AMQP_PROPERTIES = frozenset(
@@ -54,6 +56,10 @@ class CapturedMessage:
     content_type: str
     content_encoding: str
     due_at: datetime
+
+    @property
+    def retries(self) -> int:
+        return int(self.headers.get("retries") or 0)
 
 
 class _NoConnection:
@@ -114,6 +120,7 @@ class CapturingProducer:
         # Publish-only options (retry, timeout, ...) and the TTL fall away here: the relay
         # publishes on its own terms and counts the TTL from the absolute 'expires' header.
         headers = dict(headers or {})
+        headers[ENQUEUED_AT_HEADER] = timezone.now().isoformat()
         properties = {k: v for k, v in properties.items() if k in _AMQP_PROPERTIES}
         task_id = str(headers.get("id") or properties.get("correlation_id"))
         content_type, content_encoding, data = _encode_body(name, body)
@@ -161,6 +168,7 @@ def write(message: CapturedMessage) -> None:
         content_type=message.content_type,
         content_encoding=message.content_encoding,
         due_at=message.due_at,
+        retries=message.retries,
     )
 
 

@@ -1,23 +1,32 @@
-"""``python manage.py reliable_tasks <subcommand>``: relay, prune."""
+"""``python manage.py reliable_tasks <subcommand>``: relay, status, prune, requeue."""
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
+import time
 from argparse import ArgumentParser
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
+from django.utils.dateparse import parse_datetime
 
 from reliable_tasks import dead, ledger, outbox
 from reliable_tasks.conf import conf
 
+SUBCOMMANDS = "relay, status, prune or requeue"
+
 
 class Command(BaseCommand):
-    help = "Operate reliable_tasks: run the outbox relay, prune old rows."
+    help = (
+        "Operate reliable_tasks: run the outbox relay, show the status, prune, requeue dead tasks."
+    )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
-        sub = parser.add_subparsers(dest="subcommand", metavar="{relay,prune}")
+        sub = parser.add_subparsers(dest="subcommand", metavar="{relay,status,prune,requeue}")
         relay = sub.add_parser(
             "relay", help="Publish committed outbox rows to the broker until stopped."
         )
@@ -29,20 +38,51 @@ class Command(BaseCommand):
             default=60.0,
             help="With --once: give up after this many seconds (default 60).",
         )
+        status = sub.add_parser(
+            "status", help="Show the outbox, the relays, retries, dead tasks and the ledger."
+        )
+        status.add_argument("--json", action="store_true", help="One JSON object, for machines.")
+        status.add_argument(
+            "--watch", type=float, metavar="SECONDS", help="Refresh every SECONDS until Ctrl-C."
+        )
         prune = sub.add_parser(
-            "prune", help="Delete dispatched outbox rows and idempotency keys past their retention."
+            "prune",
+            help="Delete dispatched outbox rows, expired keys and old dead tasks past their retention.",
         )
         prune.add_argument(
             "--batch-size", type=int, default=None, help="Rows per DELETE statement."
         )
+        requeue = sub.add_parser("requeue", help="Send dead tasks again through the outbox.")
+        requeue.add_argument(
+            "--id", type=int, action="append", dest="ids", help="A dead task's id (repeatable)."
+        )
+        requeue.add_argument("--task", help="Only dead tasks of this task name.")
+        requeue.add_argument(
+            "--reason", choices=[r.value for r in dead.DeadReason], help="Only this reason."
+        )
+        requeue.add_argument("--exc-type", help="Only this exception class (dotted name).")
+        requeue.add_argument(
+            "--since", help="Only dead tasks whose last failure is at or after this ISO time."
+        )
+        requeue.add_argument(
+            "--renew-key", action="store_true", help="Run under new idempotency keys."
+        )
+        requeue.add_argument(
+            "--dry-run", action="store_true", help="Say how many would be requeued; change nothing."
+        )
 
     def handle(self, *args: Any, subcommand: str | None = None, **options: Any) -> None:
-        if subcommand == "relay":
-            self._relay(options)
-        elif subcommand == "prune":
-            self._prune(options)
-        else:
-            raise CommandError("name a subcommand: relay or prune (see --help)")
+        actions: dict[str, Callable[[dict[str, Any]], None]] = {
+            "relay": self._relay,
+            "status": self._status,
+            "prune": self._prune,
+            "requeue": self._requeue,
+        }
+        if subcommand not in actions:
+            raise CommandError(f"name a subcommand: {SUBCOMMANDS} (see --help)")
+        actions[subcommand](options)
+
+    # -- relay -------------------------------------------------------------------------------
 
     def _relay(self, options: dict[str, Any]) -> None:
         from reliable_tasks.relay import Relay
@@ -66,21 +106,138 @@ class Command(BaseCommand):
         relay.install_signal_handlers()
         relay.run()
 
+    # -- status ------------------------------------------------------------------------------
+
+    def _status(self, options: dict[str, Any]) -> None:
+        from reliable_tasks import health
+
+        interval = options["watch"]
+        if interval is not None and interval <= 0:
+            raise CommandError(f"--watch takes a number of seconds > 0, got {interval}")
+        while True:
+            result = health.check()
+            if result.snapshot is None:
+                raise CommandError("; ".join(result.reasons))
+            if options["json"]:
+                data = result.snapshot.as_dict()
+                data["health"] = {"ok": result.ok, "reasons": result.reasons}
+                self.stdout.write(json.dumps(data, sort_keys=True))
+            else:
+                if interval is not None and sys.stdout.isatty():
+                    self.stdout.write(
+                        "\033[2J\033[H", ending=""
+                    )  # clear the screen between refreshes
+                self.stdout.write(_describe(result))
+            if interval is None:
+                return
+            try:
+                time.sleep(interval)
+            except KeyboardInterrupt:
+                return
+
+    # -- prune -------------------------------------------------------------------------------
+
     def _prune(self, options: dict[str, Any]) -> None:
         limit = options["batch_size"] or conf.PRUNE_BATCH_SIZE
         if limit < 1:
             raise CommandError(f"--batch-size must be at least 1, got {limit}")
-        rows = _repeat(outbox.prune, limit)
-        keys = _repeat(ledger.prune, limit)
-        old = _repeat(dead.prune, limit)
+        progress = _Progress(self.stdout, enabled=sys.stdout.isatty() and options["verbosity"] >= 1)
+        rows = _repeat(outbox.prune, limit, progress.step("outbox rows"))
+        keys = _repeat(ledger.prune, limit, progress.step("idempotency keys"))
+        old = _repeat(dead.prune, limit, progress.step("dead tasks and attempts"))
+        progress.done()
         self.stdout.write(
             f"pruned {rows} dispatched outbox rows, {keys} idempotency keys and {old} old dead tasks and attempt records"
         )
 
+    # -- requeue -----------------------------------------------------------------------------
 
-def _repeat(prune: Callable[..., int], limit: int) -> int:
+    def _requeue(self, options: dict[str, Any]) -> None:
+        from reliable_tasks.models import DeadStatus, DeadTask
+
+        tasks = DeadTask.objects.using(conf.DATABASE).filter(status=DeadStatus.DEAD)
+        if options["ids"]:
+            tasks = tasks.filter(pk__in=options["ids"])
+        if options["task"]:
+            tasks = tasks.filter(task_name=options["task"])
+        if options["reason"]:
+            tasks = tasks.filter(reason=options["reason"])
+        if options["exc_type"]:
+            tasks = tasks.filter(exc_type=options["exc_type"])
+        if options["since"]:
+            tasks = tasks.filter(last_failed_at__gte=_parse_since(options["since"]))
+        count = tasks.count()
+        if options["dry_run"]:
+            self.stdout.write(f"would requeue {count} dead tasks (dry run: nothing changed)")
+            return
+        done = dead.requeue_many(
+            tasks, renew_key=options["renew_key"], user="manage.py reliable_tasks requeue"
+        )
+        self.stdout.write(f"requeued {done} dead tasks through the outbox")
+
+
+def _parse_since(value: str) -> datetime:
+    parsed = parse_datetime(value)
+    if parsed is None:
+        raise CommandError(
+            f"--since takes an ISO 8601 time such as 2026-11-28T09:00:00+00:00, got {value!r}"
+        )
+    return parsed
+
+
+def _describe(result: Any) -> str:
+    s = result.snapshot
+    age = "-" if s.oldest_due_age_seconds is None else f"{s.oldest_due_age_seconds:.1f} s"
+    lines = [
+        f"reliable_tasks status at {s.taken_at:%Y-%m-%d %H:%M:%S %Z}: {'OK' if result.ok else 'FAILING'}",
+        *(f"  ! {reason}" for reason in result.reasons),
+        "",
+        f"outbox      pending {s.outbox_pending}   due {s.outbox_due}   oldest due waited {age}",
+        f"            dispatched in the last minute {s.dispatched_last_minute}   retries scheduled {s.retries_scheduled}",
+        "relays      " + ("none has run" if not s.relays else ""),
+        *(
+            f"  {r.name:<32} {'stopped' if r.stopped else 'running'}   last seen {r.seconds_since_seen:.1f} s ago"
+            f"   dispatched {r.dispatched_total}"
+            for r in s.relays
+        ),
+        f"dead tasks  {s.dead_total}",
+        *(f"  {reason:<16} {n}" for reason, n in sorted(s.dead_by_reason.items())),
+        *(
+            f"  {task:<40} {n}"
+            for task, n in sorted(s.dead_by_task.items(), key=lambda kv: -kv[1])[:10]
+        ),
+        f"ledger      {'~' if s.ledger_keys_estimated else ''}{s.ledger_keys} keys",
+        "workers     duplicates answered {duplicate_hits}   deferred {deferrals}   retried {retries}".format(
+            **s.counters
+        ),
+    ]
+    return "\n".join(lines)
+
+
+class _Progress:
+    """A one-line progress count on a terminal; silent elsewhere."""
+
+    def __init__(self, out: Any, *, enabled: bool) -> None:
+        self.out = out
+        self.enabled = enabled
+
+    def step(self, what: str) -> Callable[[int], None]:
+        def show(total: int) -> None:
+            if self.enabled:
+                self.out.write(f"\rpruning {what}: {total} deleted", ending="")
+                self.out.flush()
+
+        return show
+
+    def done(self) -> None:
+        if self.enabled:
+            self.out.write("")
+
+
+def _repeat(prune: Callable[..., int], limit: int, progress: Callable[[int], None]) -> int:
     """Run a batch pruner until it finds nothing more; return how many rows it deleted."""
     total = 0
     while deleted := prune(limit=limit):
         total += deleted
+        progress(total)
     return total

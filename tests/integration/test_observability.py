@@ -1,0 +1,184 @@
+"""Status, health, metrics and the operator commands, on the real database and Redis."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+
+import pytest
+from django.core.management import call_command
+from django.db import connection
+from django.test import Client, override_settings
+from django.utils import timezone
+
+from reliable_tasks import metrics, testing
+from reliable_tasks.models import DeadTask, OutboxMessage, RelayHeartbeat
+from tests.testapp.tasks import pay, record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def _uses_redis(redis_service: None) -> None:
+    """The shared counters live in the cache."""
+
+
+def beat(name: str = "relay-1", seconds_ago: float = 0.0) -> None:
+    seen = timezone.now() - dt.timedelta(seconds=seconds_ago)
+    RelayHeartbeat.objects.create(
+        name=name, hostname="h", pid=1, started_at=seen, last_seen_at=seen
+    )
+
+
+def make_dead(order_id: int) -> None:
+    pay.apply((order_id,), {"outcome": "declined"})
+
+
+def run(*args: str) -> str:
+    out = io.StringIO()
+    call_command("reliable_tasks", *args, stdout=out)
+    return out.getvalue()
+
+
+def test_the_snapshot_counts_backlog_dispatches_retries_dead_tasks_and_keys() -> None:
+    record.delay("due")
+    record.apply_async(("later",), countdown=600)
+    OutboxMessage.objects.filter(task_name=record.name, due_at__lte=timezone.now()).update(
+        due_at=timezone.now() - dt.timedelta(seconds=30)
+    )
+    pay.apply((1,), {"outcome": "timeout"})  # a retry waits in the outbox
+    make_dead(2)
+    record.apply(("ran",), task_id="ran")
+    snap = metrics.snapshot()
+    assert snap.outbox_pending == 3
+    assert snap.retries_scheduled == 1
+    assert 29 < (snap.oldest_due_age_seconds or 0) < 40
+    assert snap.dead_by_reason == {"give_up": 1}
+    assert snap.dead_by_task == {pay.name: 1}
+    # PostgreSQL's estimate exists once the table was analyzed; until then the count is exact.
+    if not snap.ledger_keys_estimated:
+        assert snap.ledger_keys == 1
+
+
+def test_worker_counters_and_histograms_are_shared_through_the_cache() -> None:
+    before = metrics.snapshot()
+    record.delay("counted")
+    testing.run_enqueued()
+    record.apply(("counted",), task_id=OutboxMessage.objects.get().task_id)  # a duplicate
+    after = metrics.snapshot()
+    assert after.counters["duplicate_hits"] == before.counters["duplicate_hits"] + 1
+    assert after.histograms["latency"].count == before.histograms["latency"].count + 1
+    assert after.histograms["duration"].count >= before.histograms["duration"].count + 1
+    assert after.histograms["latency"].buckets["+Inf"] == after.histograms["latency"].count
+
+
+def test_health_fails_without_a_relay_and_passes_with_one(client: Client) -> None:
+    response = client.get("/rt/health/")
+    assert response.status_code == 503
+    assert (
+        "no relay heartbeat in the last 30 s; none has ever run here"
+        in response.json()["reasons"][0]
+    )
+    beat(seconds_ago=1)
+    response = client.get("/rt/health/")
+    assert response.status_code == 200
+    assert response.json()["status"] == "ok"
+
+
+@override_settings(RELIABLE_TASKS_HEALTH_MAX_DUE_AGE=10)
+def test_health_fails_on_an_old_backlog_and_shows_no_arguments(client: Client) -> None:
+    beat()
+    record.delay("s3cr3t-argument")
+    OutboxMessage.objects.update(due_at=timezone.now() - dt.timedelta(seconds=60))
+    response = client.get("/rt/health/")
+    assert response.status_code == 503
+    [reason] = response.json()["reasons"]
+    assert reason.startswith("the oldest due outbox row has waited 60 s (more than 10 s)")
+    assert "s3cr3t" not in response.content.decode()
+
+
+def test_a_stale_relay_fails_health_with_when_it_was_last_seen(client: Client) -> None:
+    beat(seconds_ago=120)
+    response = client.get("/rt/health/")
+    assert response.status_code == 503
+    assert "the last was seen 120 s ago" in response.json()["reasons"][0]
+
+
+def test_metrics_are_served_in_prometheus_text_format(client: Client) -> None:
+    beat()
+    record.delay("m")
+    make_dead(3)
+    text = client.get("/rt/metrics/").content.decode()
+    assert "reliable_tasks_outbox_pending 1.0" in text
+    assert 'reliable_tasks_dead_tasks{reason="give_up",task=""} 1.0' in text
+    assert 'reliable_tasks_relay_seconds_since_heartbeat{relay="relay-1"}' in text
+    assert "reliable_tasks_task_latency_seconds_bucket" in text
+    assert "reliable_tasks_duplicate_hits_total" in text
+
+
+def test_status_prints_for_people_and_for_machines() -> None:
+    beat()
+    record.delay("s")
+    make_dead(4)
+    human = run("status")
+    assert "reliable_tasks status at" in human
+    assert "pending 1" in human
+    assert "give_up" in human
+    data = json.loads(run("status", "--json"))
+    assert data["outbox_pending"] == 1
+    assert data["dead_total"] == 1
+    assert data["health"]["ok"] is True
+    assert data["relays"][0]["name"] == "relay-1"
+
+
+def test_requeue_command_filters_and_dry_runs() -> None:
+    make_dead(5)
+    make_dead(6)
+    assert (
+        run("requeue", "--reason", "give_up", "--dry-run")
+        == "would requeue 2 dead tasks (dry run: nothing changed)\n"
+    )
+    assert DeadTask.objects.filter(status="dead").count() == 2
+    first = DeadTask.objects.order_by("id").first()
+    assert first is not None
+    assert run("requeue", "--id", str(first.pk)) == "requeued 1 dead tasks through the outbox\n"
+    assert DeadTask.objects.get(pk=first.pk).status == "requeued"
+    assert run("requeue", "--task", "no.such.task") == "requeued 0 dead tasks through the outbox\n"
+
+
+def test_prune_command_reports_what_it_deleted() -> None:
+    assert run("prune").startswith("pruned 0 dispatched outbox rows, 0 idempotency keys")
+
+
+@pytest.mark.postgres
+def test_the_snapshot_queries_use_indexes_on_a_large_outbox() -> None:
+    assert connection.vendor == "postgresql"
+    now = timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            INSERT INTO reliable_tasks_outbox (task_id, task_name, queue, exchange, routing_key, headers,
+                properties, body, content_type, content_encoding, status, created_at, due_at,
+                dispatched_at, publish_attempts, last_error, retries)
+            SELECT g::text, 't', 'q', '', 'q', '{}', '{}', '[]', 'application/json', 'utf-8',
+                   'dispatched', %s, %s, %s - (g || ' seconds')::interval, 1, '', 0
+            FROM generate_series(1, 200000) g
+            """,
+            [now, now, now],
+        )
+        cursor.execute("ANALYZE reliable_tasks_outbox")
+    pending = OutboxMessage.objects.filter(status="pending")
+    plans = {
+        "pending": pending.explain(),
+        "oldest due": pending.filter(due_at__lte=now)
+        .values("due_at")
+        .order_by("due_at")[:1]
+        .explain(),
+        "dispatched last minute": OutboxMessage.objects.filter(
+            status="dispatched", dispatched_at__gte=now - dt.timedelta(minutes=1)
+        ).explain(),
+    }
+    for what, plan in plans.items():
+        assert "Seq Scan on reliable_tasks_outbox" not in plan, f"{what}: {plan}"
+        assert "Index" in plan, f"{what}: {plan}"
