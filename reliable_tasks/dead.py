@@ -21,7 +21,7 @@ from django.utils import timezone
 from kombu import serialization
 from kombu.utils import json as kombu_json
 
-from . import signals
+from . import log, signals
 from .conf import conf
 from .exceptions import ReliableTasksError
 from .models import DeadReason, DeadStatus, DeadTask, OutboxMessage, TaskAttempt
@@ -254,13 +254,8 @@ def requeue(
             requeued_task_id=task_id,
         )
     signals.task_requeued.send(sender=DeadTask, dead_task=dead, outbox_id=row.pk, user=user)
-    logger.info(
-        "dead task %d (%s[%s]) requeued as %s by %s",
-        dead.pk,
-        dead.task_name,
-        dead.task_id,
-        task_id,
-        user or "-",
+    log.with_fields(logger, task=dead.task_name, id=task_id, dead_task=dead.pk).info(
+        "dead task requeued through the outbox by %s", user or "-"
     )
     return row
 
@@ -320,11 +315,14 @@ def _reencode(
 
 
 def _announce(dead: DeadTask) -> None:
-    logger.error(
-        "dead task %d: %s[%s] %s%s",
-        dead.pk, dead.task_name or "(unknown)", dead.task_id, dead.get_reason_display(),
-        f": {dead.exc_type}: {dead.exc_message}" if dead.exc_type else f": {dead.exc_message}" if dead.exc_message else "",
-    )  # fmt: skip
+    cause = f"{dead.exc_type}: {dead.exc_message}" if dead.exc_type else dead.exc_message
+    log.with_fields(
+        logger,
+        task=dead.task_name or "(unknown)",
+        id=dead.task_id,
+        key=dead.idempotency_key,
+        dead_task=dead.pk,
+    ).error("dead task: %s%s", dead.get_reason_display(), f" ({cause})" if cause else "")
     transaction.on_commit(
         lambda: signals.task_dead.send(sender=DeadTask, dead_task=dead), using=conf.DATABASE
     )

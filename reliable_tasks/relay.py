@@ -30,7 +30,7 @@ from django.db.models import F, Min
 from django.utils import timezone
 from kombu import Connection, Producer, Queue
 
-from . import dead, ledger, outbox
+from . import dead, ledger, log, outbox
 from .conf import conf
 from .models import OutboxMessage, OutboxStatus, RelayHeartbeat
 from .retry import backoff
@@ -503,10 +503,12 @@ class Relay:
         if outcome.failed:
             base, cap = conf.backoff_pair("RELAY_PUBLISH_RETRY_BACKOFF")
             attempts = {row.id: row.publish_attempts + 1 for row in rows}
+            by_id = {row.id: row for row in rows}
             for row_id, reason in outcome.failed.items():
                 delay = backoff(attempts[row_id], base=base, cap=cap, jitter="equal")
-                logger.warning(
-                    "outbox row %d not published (%s); next try in %.1f s", row_id, reason, delay
+                row = by_id[row_id]
+                log.with_fields(logger, task=row.task_name, id=row.task_id, outbox=row_id).warning(
+                    "not published (%s); next try in %.1f s", reason, delay
                 )
                 messages.filter(pk=row_id).update(
                     publish_attempts=attempts[row_id],

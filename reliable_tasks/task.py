@@ -25,7 +25,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
-from . import outbox, signals
+from . import log, outbox, signals
 from .conf import conf
 from .exceptions import (
     IdempotencyKeyReused,
@@ -262,9 +262,7 @@ def _database_down(task: ReliableTask, exc: Exception) -> NoReturn:
     In atomic mode whatever ran was rolled back; in lease mode the lease runs out. The message
     goes back to the queue and runs again when the database is back.
     """
-    logger.warning(
-        "task %s[%s]: database unavailable (%s); message requeued", task.name, task.request.id, exc
-    )
+    log.for_task(logger, task).warning("database unavailable (%s); message requeued", exc)
     time.sleep(DATABASE_DOWN_PAUSE)
     raise Reject(exc, requeue=True) from exc
 
@@ -334,6 +332,9 @@ def _failed(
     except (OperationalError, InterfaceError) as db_exc:
         _database_down(task, db_exc)
     if decision.retry:
+        log.for_task(logger, task, key).warning(
+            "attempt failed (%s: %s); retry in %.1f s", type(exc).__name__, exc, decision.delay
+        )
         signals.task_retried.send(
             sender=task.__class__,
             task=task,
@@ -456,18 +457,17 @@ def _run_leased(task: ReliableTask, claim: Claim, fingerprint: str, args: Any, k
         try:
             ledger.release(claim)
         except (OperationalError, InterfaceError):
-            logger.warning(
-                "task %s: could not release key %r; its lease will expire", task.name, claim.key
+            log.for_task(logger, task, claim.key).warning(
+                "could not release the key; its lease will expire"
             )
         raise
     stored = ledger.encode_result(task.name, result)
     if ledger.complete(claim, stored):
         ledger.done_cache.set(task.name, claim.key, fingerprint, stored)
     else:
-        logger.warning(
-            "task %s[%s] finished after losing key %r to another execution; its result is not recorded",
-            task.name, task.request.id, claim.key,
-        )  # fmt: skip
+        log.for_task(logger, task, claim.key).warning(
+            "finished after losing the key to another execution; its result is not recorded"
+        )
     return result
 
 
@@ -500,11 +500,9 @@ def _duplicate(
 ) -> Any:
     if stored_fingerprint != fingerprint:
         raise _reused(task, key, stored_fingerprint, fingerprint)
-    logger.info(
-        "task %s[%s]: key %r already done; not run again, stored result returned",
-        task.name,
-        task.request.id,
-        key,
+    log.for_task(logger, task, key).info(
+        "key already done; not run again, stored result returned (%s)",
+        "cache" if cached else "database",
     )
     signals.task_duplicate.send(
         sender=task.__class__, task=task, key=key, cached=cached, result=result
@@ -527,10 +525,9 @@ def _defer(task: ReliableTask, claim: Claim) -> None:
         remaining = max(1.0, (claim.lease_expires_at - timezone.now()).total_seconds())
     # A little jitter keeps a crowd of deferred duplicates from arriving at one instant.
     delay = remaining + random.uniform(0, 1)
-    logger.info(
-        "task %s[%s]: key %r is held by a live lease; deferred by %.1f s",
-        task.name, task.request.id, claim.key, delay,
-    )  # fmt: skip
+    log.for_task(logger, task, claim.key).info(
+        "key held by a live lease; deferred by %.1f s", delay
+    )
     signals.task_deferred.send(sender=task.__class__, task=task, key=claim.key, delay=delay)
     request = task.request
     task.signature_from_request(

@@ -197,3 +197,21 @@ def test_prune_removes_acted_on_dead_tasks_and_old_attempts_but_keeps_dead_ones(
     assert dead.prune(limit=100) == 1 + 6
     assert list(DeadTask.objects.values_list("pk", flat=True)) == [untouched.pk]
     assert not TaskAttempt.objects.exists()
+
+
+def test_one_grep_for_the_task_id_follows_its_attempts_and_its_death(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="reliable_tasks")
+    pay.delay(41, outcome="timeout")
+    task_id = OutboxMessage.objects.get().task_id
+    with pytest.raises(Exception, match="timed out"):
+        testing.run_enqueued()
+    lines = [r.getMessage() for r in caplog.records if f"id={task_id}" in r.getMessage()]
+    assert [line.split(" | ")[0] for line in lines[:2]] == [
+        f"task={pay.name} id={task_id} key={task_id} attempt=1",
+        f"task={pay.name} id={task_id} key={task_id} attempt=2",
+    ]
+    assert "attempt failed (GatewayTimeout: gateway timed out for order 41); retry in" in lines[0]
+    assert lines[-1].startswith(f"task={pay.name} id={task_id} key={task_id} dead_task=")
+    assert "dead task: retries exhausted" in lines[-1]
