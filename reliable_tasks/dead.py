@@ -31,6 +31,7 @@ from .outbox import (
     PREVIOUS_DELAY_HEADER,
     SERIALIZER,
     CapturedMessage,
+    without_nul,
 )
 
 logger = logging.getLogger("reliable_tasks.dead")
@@ -339,7 +340,7 @@ def truncate(text: str, limit: int) -> str:
 
 def _plain(value: Any) -> Any:
     """A JSON-storable copy: kombu's JSON keeps datetimes and decimals readable."""
-    return json.loads(kombu_json.dumps(value))
+    return without_nul(json.loads(kombu_json.dumps(value)))
 
 
 __all__ = [

@@ -202,6 +202,12 @@ def encode_result(task_name: str, result: Any) -> Any:
             task_name, len(text.encode()), conf.MAX_RESULT_BYTES,
         )  # fmt: skip
         return None
+    if "\\u0000" in text:
+        logger.warning(
+            "task %s returned a NUL character, which the database cannot store; duplicates will get None",
+            task_name,
+        )
+        return None
     return json.loads(text)
 
 

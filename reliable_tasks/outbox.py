@@ -124,7 +124,17 @@ class CapturingProducer:
         properties = {k: v for k, v in properties.items() if k in _AMQP_PROPERTIES}
         task_id = str(headers.get("id") or properties.get("correlation_id"))
         content_type, content_encoding, data = _encode_body(name, body)
+        for display in ("argsrepr", "kwargsrepr"):
+            # Only for people to read; PostgreSQL's jsonb cannot hold a NUL character.
+            if isinstance(headers.get(display), str):
+                headers[display] = without_nul(headers[display])
         headers_json = _encode_mapping(name, "headers", headers)
+        if NUL_ESCAPE in headers_json:
+            raise PayloadNotSerializable(
+                f"task {name!r} cannot be enqueued: a header holds a NUL character (\\x00), which "
+                "the database cannot store. Remove it from the headers. Nothing was written to the "
+                "outbox; the transaction is still usable."
+            )
         _encode_mapping(name, "publish options", properties)
         size = len(data.encode()) + len(headers_json)
         limit = conf.MAX_PAYLOAD_BYTES
@@ -170,6 +180,20 @@ def write(message: CapturedMessage) -> None:
         due_at=message.due_at,
         retries=message.retries,
     )
+
+
+NUL_ESCAPE = "\\u0000"
+
+
+def without_nul(value: Any) -> Any:
+    """A copy for display with NUL characters written out as ``\\x00`` (jsonb refuses them)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\\x00")
+    if isinstance(value, list | tuple):
+        return [without_nul(v) for v in value]
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    return value
 
 
 def _encode_body(task_name: str, body: Any) -> tuple[str, str, str]:

@@ -1,0 +1,136 @@
+"""Payloads through enqueue → outbox → relay → broker: they round-trip exactly, or fail at enqueue."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import uuid
+from typing import Any
+
+import pytest
+from django.db import transaction
+from django.test import override_settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kombu import serialization
+
+from reliable_tasks import PayloadNotSerializable, PayloadTooLarge, testing
+from reliable_tasks.models import OutboxMessage
+from reliable_tasks.relay import Relay
+from tests.support import Broker
+from tests.testapp.tasks import record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+# What kombu's JSON carries with its type: these must come back as the same type and value.
+leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(),
+    st.datetimes(timezones=st.just(dt.UTC)),
+    st.dates(),
+    st.decimals(allow_nan=False, allow_infinity=False),
+    st.uuids(),
+)
+payloads = st.recursive(
+    leaves,
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=20), children, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+class Opaque:
+    def __repr__(self) -> str:
+        return "Opaque()"
+
+
+# Values JSON cannot carry: each must be refused at enqueue, naming where it was.
+unencodable = st.one_of(
+    st.builds(Opaque), st.frozensets(st.integers(), min_size=1), st.builds(object)
+)
+
+
+def decode(body: str, content_type: str = "application/json", encoding: str = "utf-8") -> Any:
+    return serialization.loads(body, content_type, encoding, accept=[content_type])
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(payload=payloads)
+def test_any_supported_payload_round_trips_through_the_outbox_exactly(payload: Any) -> None:
+    with transaction.atomic():
+        record.delay("p", payload=payload)
+        [entry] = testing.enqueued()
+        assert entry.kwargs == {"payload": payload}
+        assert _same_types(entry.kwargs["payload"], payload)
+        transaction.set_rollback(True)
+
+
+@settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(payload=payloads, bad=unencodable, where=st.integers(min_value=0, max_value=3))
+def test_an_unencodable_value_anywhere_is_refused_at_enqueue_with_its_place(
+    payload: Any, bad: Any, where: int
+) -> None:
+    nested: Any = [payload, {"deep": [bad]}] if where else bad
+    with pytest.raises(PayloadNotSerializable) as info:
+        record.delay("bad", payload=nested)
+    message = str(info.value)
+    assert "task 'tests.testapp.tasks.record' cannot be enqueued" in message
+    assert ("kwargs['payload'][1]['deep'][0]" if where else "kwargs['payload']") in message
+    assert not OutboxMessage.objects.exists()
+
+
+def test_tricky_payloads_arrive_at_the_broker_exactly_as_enqueued(
+    broker: Broker, relay: Relay
+) -> None:
+    tricky = [
+        "naïve café ☕ 𝄞 \u0000 \u2028",
+        {
+            "when": dt.datetime(2026, 11, 28, 1, 2, 3, 456789, tzinfo=dt.UTC),
+            "day": dt.date(2026, 2, 28),
+        },
+        {
+            "amount": decimal.Decimal("12345678901234567890.000000001"),
+            "id": uuid.UUID(int=2**128 - 1),
+        },
+        [[[[[["deep"]]]]]],
+        {"": None, "k" * 200: 2**63, "float": 1e-308},
+        "x" * 200_000,
+    ]
+    for i, payload in enumerate(tricky):
+        record.delay(f"t{i}", payload=payload)
+    assert relay.drain() == len(tricky)
+    received = {}
+    for message in broker.get_all(expect=len(tricky)):
+        args, kwargs, _ = decode(
+            message.body.decode() if isinstance(message.body, bytes) else message.body
+        )
+        received[args[0]] = kwargs["payload"]
+    assert received == {f"t{i}": payload for i, payload in enumerate(tricky)}
+
+
+@override_settings(RELIABLE_TASKS_MAX_PAYLOAD_BYTES=64 * 1024)
+def test_a_payload_over_the_limit_is_refused_and_one_under_it_is_not() -> None:
+    record.delay("fits", payload="y" * 60_000)
+    with pytest.raises(
+        PayloadTooLarge, match="the limit is RELIABLE_TASKS_MAX_PAYLOAD_BYTES = 64 KiB"
+    ):
+        record.delay("too-big", payload="y" * 70_000)
+    assert [e.args for e in testing.enqueued()] == [("fits",)]
+
+
+def _same_types(got: Any, want: Any) -> bool:
+    if isinstance(want, dict):
+        return isinstance(got, dict) and all(_same_types(got[k], v) for k, v in want.items())
+    if isinstance(want, list | tuple):
+        return isinstance(got, list) and all(
+            _same_types(g, w) for g, w in zip(got, want, strict=True)
+        )
+    return type(got) is type(want)
