@@ -106,7 +106,7 @@ SETTINGS: dict[str, Setting] = {
         "How long requeued or discarded dead tasks are kept; dead ones are kept until acted on.",
     ),
     "HEALTH_RELAY_MAX_SILENCE": Setting(
-        30.0,
+        60.0,
         (int, float),
         "health/ fails when no running relay has sent a heartbeat for this many seconds.",
     ),
@@ -173,6 +173,22 @@ class Settings:
                 f"base <= cap; got {value!r}."
             )
         return float(value[0]), float(value[1])
+
+    # -- for the system checks: what the project configured, read here like every setting --
+
+    def configured_names(self) -> list[str]:
+        """Names (without the prefix) of the ``RELIABLE_TASKS_*`` settings the project sets."""
+        prefix = "RELIABLE_TASKS_"
+        return sorted(n.removeprefix(prefix) for n in dir(django_settings) if n.startswith(prefix))
+
+    def database_engine(self, alias: str) -> str | None:
+        """The ``ENGINE`` of a ``DATABASES`` alias, or None when the alias is not configured."""
+        database = django_settings.DATABASES.get(alias)
+        return None if database is None else str(database.get("ENGINE", ""))
+
+    def cache_aliases(self) -> list[str]:
+        """The aliases configured in ``CACHES``."""
+        return sorted(django_settings.CACHES)
 
 
 conf = Settings()

@@ -42,13 +42,20 @@ class LeaseLost(ExecutionError):
 class Retry(ReliableTasksError):
     """Raise from a task to ask for another attempt after ``delay`` seconds, without an error.
 
-    For a ``Retry-After`` answer: ``raise Retry(delay=30)``. The attempt still counts against
-    the retry policy's ``max_attempts`` and ``deadline``.
+    For a ``Retry-After`` answer: ``raise Retry(delay=30)``; with ``delay=None`` the retry
+    policy's backoff decides. The attempt still counts against the policy's ``max_attempts``
+    and ``deadline``. ``cause`` is the error that led to it, recorded with the attempt.
     """
 
-    def __init__(self, delay: float, reason: str = "") -> None:
-        if delay < 0:
+    def __init__(
+        self, delay: float | None, reason: str = "", cause: BaseException | None = None
+    ) -> None:
+        if delay is not None and delay < 0:
             raise ValueError(f"delay is a number of seconds >= 0, got {delay}")
-        self.delay = float(delay)
+        self.delay = None if delay is None else float(delay)
         self.reason = reason
-        super().__init__(reason or f"retry requested in {delay:g} s")
+        self.cause = cause
+        when = "after the policy's backoff" if delay is None else f"in {delay:g} s"
+        super().__init__(
+            reason or (f"retry requested {when}: {cause!r}" if cause else f"retry requested {when}")
+        )

@@ -106,6 +106,7 @@ class RetryPolicy:
         elapsed: float,
         previous_delay: float | None = None,
         requested_delay: float | None = None,
+        requested: bool = False,
         rng: random.Random | None = None,
     ) -> Decision:
         """Retry or give up after ``attempt`` (1-based) failed with ``exc``.
@@ -115,10 +116,12 @@ class RetryPolicy:
             previous_delay: The wait before this attempt, for decorrelated jitter.
             requested_delay: A delay the task asked for (``Retry(delay=...)``); it replaces the
                 backoff but still counts against ``max_attempts`` and ``deadline``.
+            requested: The task asked for a retry (``Retry``, ``self.retry()``): retried whatever
+                ``retry_on`` says, after ``requested_delay`` or, without one, the backoff.
         """
         if isinstance(exc, self.give_up_on):
             return Decision(retry=False, reason="give_up", delay=0.0)
-        if requested_delay is None and not isinstance(exc, self.retry_on):
+        if not (requested or requested_delay is not None) and not isinstance(exc, self.retry_on):
             return Decision(retry=False, reason="not_retryable", delay=0.0)
         if attempt >= self.max_attempts:
             return Decision(retry=False, reason="exhausted", delay=0.0)

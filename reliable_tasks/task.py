@@ -7,6 +7,7 @@ transaction; in lease mode the key is held under a lease while the body runs.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 import socket
@@ -19,10 +20,11 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 from celery import Task, shared_task
 from celery.backends.rpc import RPCBackend
 from celery.exceptions import Ignore, Reject
+from celery.utils.time import maybe_make_aware
 from celery.exceptions import Retry as CeleryRetry
 from celery.result import AsyncResult
 from django.core.exceptions import ImproperlyConfigured
-from django.db import InterfaceError, OperationalError, transaction
+from django.db import InterfaceError, OperationalError, connections, transaction
 from django.utils import timezone
 
 from . import log, outbox, signals
@@ -79,6 +81,7 @@ class ReliableTask(Task[Any, Any]):
     lease: float | None = None
     key_func: KeyFunc | None = None
     retry_policy: RetryPolicy | None = None
+    _signature: inspect.Signature | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -216,6 +219,50 @@ class ReliableTask(Task[Any, Any]):
                 f"task {self.name!r} lost idempotency key {claim.key!r}: its lease expired and another execution took over"
             )
 
+    def fingerprint(self, args: Any, kwargs: Any) -> str:
+        """The digest a key's arguments are compared by, however they were passed.
+
+        Arguments are bound to the task's signature first, so ``charge(5, amount=1)`` and
+        ``charge(5, 1)`` are the same call.
+        """
+        from . import ledger
+
+        if self._signature is None:
+            self._signature = inspect.signature(self.run)
+        try:
+            bound = self._signature.bind(*(args or ()), **(kwargs or {}))
+        except TypeError:
+            return ledger.fingerprint(args, kwargs)  # the call will fail on its own
+        bound.apply_defaults()
+        return ledger.fingerprint((), dict(bound.arguments))
+
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: Exception | None = None,
+        throw: bool = True,
+        eta: datetime | None = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> NoReturn:
+        """Celery's ``self.retry()``, made durable: the retry policy schedules the next attempt.
+
+        The next attempt is written to the outbox with the failed attempt's record, after
+        ``countdown`` (or until ``eta``) when given, else after the policy's backoff. Celery's
+        ``max_retries`` and ``default_retry_delay`` give way to the policy. ``autoretry_for``
+        works through this too.
+        """
+        if self.request.called_directly:
+            super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        delay: float | None = None
+        if countdown is not None:
+            delay = float(countdown)
+        elif eta is not None:
+            delay = max(0.0, (maybe_make_aware(eta) - timezone.now()).total_seconds())
+        raise RetryRequest(delay, cause=exc)
+
     def _lease_seconds(self) -> float:
         return float(self.lease or conf.LEASE_SECONDS)
 
@@ -230,7 +277,7 @@ def _execute(task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     key = ""
     try:
         key = task.key_for(args, kwargs)
-        fingerprint = ledger.fingerprint(args, kwargs)
+        fingerprint = task.fingerprint(args, kwargs)
         # Celery's request context takes any attribute; the task reads the key back from it.
         cast(Any, task.request).idempotency_key = key
         hit = ledger.done_cache.get(task.name, key)
@@ -250,6 +297,10 @@ def _execute(task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     except _CONTROL_FLOW:
         raise
     except (OperationalError, InterfaceError) as exc:
+        if _database_reachable():
+            # The database answers: this was the task's own query failing (a deadlock, a
+            # statement timeout), an error like any other for the retry policy.
+            _failed(task, exc, started_at, args, kwargs, key)
         _database_down(task, exc)
     except Exception as exc:  # noqa: BLE001 - every task error is recorded, then raised again
         _failed(task, exc, started_at, args, kwargs, key)
@@ -265,6 +316,16 @@ def _database_down(task: ReliableTask, exc: Exception) -> NoReturn:
     log.for_task(logger, task).warning("database unavailable (%s); message requeued", exc)
     time.sleep(DATABASE_DOWN_PAUSE)
     raise Reject(exc, requeue=True) from exc
+
+
+def _database_reachable() -> bool:
+    connection = connections[conf.DATABASE]
+    try:
+        connection.close()
+        connection.ensure_connection()
+    except (OperationalError, InterfaceError):
+        return False
+    return True
 
 
 def _failed(
@@ -294,13 +355,18 @@ def _failed(
             elapsed=(timezone.now() - first).total_seconds(),
             previous_delay=float(previous) if previous is not None else None,
             requested_delay=exc.delay if isinstance(exc, RetryRequest) else None,
+            requested=isinstance(exc, RetryRequest),
         )
+    # A retry the task asked for records the error that led to it, when it named one.
+    cause: Exception = exc
+    if isinstance(exc, RetryRequest) and isinstance(exc.cause, Exception):
+        cause = exc.cause
     try:
         with transaction.atomic(using=conf.DATABASE):
             TaskAttempt.objects.using(conf.DATABASE).create(
                 task_id=str(request.id), task_name=task.name, idempotency_key=key, number=attempt,
-                outcome=TaskAttempt.Outcome.FAILED, exc_type=dead.qualname(exc),
-                message=dead.truncate(str(exc), dead.MAX_MESSAGE),
+                outcome=TaskAttempt.Outcome.FAILED, exc_type=dead.qualname(cause),
+                message=dead.truncate(str(cause), dead.MAX_MESSAGE),
                 traceback=dead.truncate(traceback.format_exc(), dead.MAX_TRACEBACK),
                 worker=request.hostname or socket.gethostname(), started_at=started_at,
             )  # fmt: skip
@@ -327,13 +393,13 @@ def _failed(
                     args=args,
                     kwargs=kwargs,
                     idempotency_key=key,
-                    exc=exc,
+                    exc=cause,
                 )
     except (OperationalError, InterfaceError) as db_exc:
         _database_down(task, db_exc)
     if decision.retry:
         log.for_task(logger, task, key).warning(
-            "attempt failed (%s: %s); retry in %.1f s", type(exc).__name__, exc, decision.delay
+            "attempt failed (%s: %s); retry in %.1f s", type(cause).__name__, cause, decision.delay
         )
         signals.task_retried.send(
             sender=task.__class__,
@@ -341,12 +407,12 @@ def _failed(
             task_id=str(request.id),
             attempt=attempt,
             delay=decision.delay,
-            exc=exc,
+            exc=cause,
         )
         raise CeleryRetry(
-            f"attempt {attempt} failed: {exc!r}", exc=exc, when=cast(Any, decision.delay)
+            f"attempt {attempt} failed: {cause!r}", exc=cause, when=cast(Any, decision.delay)
         ) from exc
-    raise exc
+    raise cause
 
 
 def _replay_call(
@@ -504,6 +570,8 @@ def _duplicate(
         "key already done; not run again, stored result returned (%s)",
         "cache" if cached else "database",
     )
+    # The first execution sent its callbacks; a duplicate must not send them again.
+    cast(Any, task.request).callbacks = None
     signals.task_duplicate.send(
         sender=task.__class__, task=task, key=key, cached=cached, result=result
     )

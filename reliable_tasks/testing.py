@@ -1,7 +1,7 @@
 """Helpers for your own tests: see what the outbox holds and run it inline, with no broker.
 
-In a test with the database (``pytest.mark.django_db(transaction=True)`` or Django's
-``TransactionTestCase``, so that commits happen)::
+In a test with the database (``pytest.mark.django_db``, Django's ``TestCase`` or
+``TransactionTestCase``: the helpers read the outbox on the test's own connection)::
 
     from reliable_tasks import testing
 
@@ -13,6 +13,10 @@ In a test with the database (``pytest.mark.django_db(transaction=True)`` or Djan
 
 ``run_enqueued`` runs each pending row through the task's normal execution (idempotency key,
 atomic or lease mode) in this process, then marks the row dispatched, until nothing is left.
+
+Done keys are also remembered in the cache (``RELIABLE_TASKS_CACHE_ALIAS``), which a test
+database's rollback does not clear: set ``RELIABLE_TASKS_CACHE_ALIAS = None`` in test settings,
+or clear the cache between tests, or a business key done in one test is a duplicate in the next.
 """
 
 from __future__ import annotations

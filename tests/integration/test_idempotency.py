@@ -84,7 +84,7 @@ def test_a_live_lease_held_elsewhere_defers_the_duplicate(broker: object) -> Non
     holder = ledger.claim(
         leased.name,
         "lease:L2",
-        ledger.fingerprint(("L2", 0), {}),
+        leased.fingerprint(("L2", 0), {}),
         task_id="other",
         worker="elsewhere",
         lease_seconds=60,
@@ -102,7 +102,7 @@ def test_a_live_lease_held_elsewhere_defers_the_duplicate(broker: object) -> Non
 
 
 def test_an_expired_lease_is_taken_over() -> None:
-    fp = ledger.fingerprint(("L3", 0), {})
+    fp = leased.fingerprint(("L3", 0), {})
     crashed = ledger.claim(
         leased.name, "lease:L3", fp, task_id="crashed", worker="dead", lease_seconds=60
     )

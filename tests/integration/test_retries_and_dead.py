@@ -12,7 +12,15 @@ from django.utils import timezone
 from reliable_tasks import dead, testing
 from reliable_tasks.models import DeadTask, IdempotencyKey, OutboxMessage, TaskAttempt
 from tests.testapp.models import Effect
-from tests.testapp.tasks import charge, pay, record, with_deadline
+from tests.testapp.tasks import (
+    autoretrying,
+    celery_style_retry,
+    charge,
+    pay,
+    record,
+    slow_query,
+    with_deadline,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -215,3 +223,54 @@ def test_one_grep_for_the_task_id_follows_its_attempts_and_its_death(
     assert "attempt failed (GatewayTimeout: gateway timed out for order 41); retry in" in lines[0]
     assert lines[-1].startswith(f"task={pay.name} id={task_id} key={task_id} dead_task=")
     assert "dead task: retries exhausted" in lines[-1]
+
+
+def test_celery_self_retry_is_durable_even_in_atomic_mode() -> None:
+    outcome = celery_style_retry.apply(("r",), task_id="cr")
+    assert outcome.state == "RETRY"
+    # The attempt's writes rolled back; the retry row and the attempt's record did not.
+    assert not Effect.objects.exists()
+    [row] = OutboxMessage.objects.all()
+    assert 4 < (row.due_at - timezone.now()).total_seconds() <= 5
+    [attempt] = TaskAttempt.objects.all()
+    assert attempt.exc_type == "tests.testapp.tasks.GatewayTimeout"
+    assert testing.run_enqueued() == ["r"]
+    assert list(Effect.objects.values_list("key", flat=True)) == ["r:attempt1"]
+
+
+def test_autoretry_for_goes_through_the_retry_policy_to_a_dead_task() -> None:
+    autoretrying.delay("a")
+    with pytest.raises(Exception, match="always slow"):
+        testing.run_enqueued()
+    task = DeadTask.objects.get()
+    assert (task.reason, task.attempt_count, task.exc_type) == (
+        "exhausted",
+        5,
+        "tests.testapp.tasks.GatewayTimeout",
+    )
+
+
+def test_positional_and_keyword_arguments_are_the_same_call_for_a_key() -> None:
+    charge.apply((15,), {"amount": 3})
+    again = charge.apply((15, 3))
+    assert again.successful()
+    assert Effect.objects.filter(key="charge:15").count() == 1
+    assert not DeadTask.objects.exists()
+
+
+def test_a_duplicate_does_not_send_link_callbacks_again() -> None:
+    record.apply_async(("parent",), link=record.si("callback"), task_id="with-link")
+    testing.run_enqueued()
+    OutboxMessage.objects.filter(task_id="with-link").update(status="pending")
+    testing.run_enqueued()
+    assert sorted(Effect.objects.values_list("key", flat=True)) == ["callback", "parent"]
+    assert OutboxMessage.objects.filter(task_name=record.name).count() == 2
+
+
+@pytest.mark.postgres
+def test_a_task_whose_own_query_fails_is_retried_not_requeued() -> None:
+    outcome = slow_query.apply(("q",))
+    assert outcome.state == "RETRY"
+    [attempt] = TaskAttempt.objects.all()
+    assert attempt.exc_type == "django.db.utils.OperationalError"
+    assert "statement timeout" in attempt.message

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 from celery import shared_task
+from django.db import transaction
 from django.dispatch import receiver
 
 from reliable_tasks import ReliableTask, Retry, RetryPolicy, reliable_task
 from reliable_tasks.signals import task_deferred, task_duplicate
 
-from .models import Effect, Observed
+from .models import Effect, GatewayCharge, GatewayRequest, Observed
 
 
 @reliable_task(bind=True)
@@ -173,3 +175,106 @@ def flaky(key: str) -> str:
         raise GatewayTimeout(f"{key}: first attempt fails")
     Effect.objects.create(key=f"flaky:{key}")
     return key
+
+
+# -- the chaos suite (tests/chaos) --------------------------------------------------------------
+# Each logical task leaves exactly one effect, whatever the faults: an Effect row keyed by the
+# task's business id, or one charge at the fake payment gateway. Business ids carry the run's
+# token, so that runs sharing a cache of done keys never answer each other's tasks.
+
+CHAOS_RETRY = RetryPolicy(
+    max_attempts=6, base=0.5, cap=2.0, retry_on=(GatewayTimeout,), give_up_on=(CardDeclined,)
+)
+
+
+@reliable_task(bind=True)
+def chaos_record(self: ReliableTask, key: str) -> str:
+    """Atomic mode, keyed by the task id: the plain case."""
+    Effect.objects.create(key=key, task_id=self.request.id)
+    return key
+
+
+@reliable_task(bind=True, idempotency_key=lambda order: f"chaos-order:{order}")
+def chaos_order(self: ReliableTask, order: str) -> str:
+    """Atomic mode, keyed by the order: enqueued twice, it must run once."""
+    Effect.objects.create(key=f"chaos:order:{order}", task_id=self.request.id)
+    return order
+
+
+@reliable_task(bind=True, retry=CHAOS_RETRY)
+def chaos_flaky(self: ReliableTask, key: str) -> str:
+    """Writes its effect, then fails its first attempt: the retry must find clean state."""
+    Effect.objects.create(key=key, task_id=self.request.id)
+    if not self.request.retries:
+        raise GatewayTimeout(f"{key}: the first attempt times out after its write")
+    return key
+
+
+def gateway_charge(idempotency_key: str, order: str, amount: int) -> dict[str, Any]:
+    """A fake payment API that honours idempotency keys: a known key returns the first charge."""
+    with transaction.atomic():
+        charge, created = GatewayCharge.objects.get_or_create(
+            idempotency_key=idempotency_key, defaults={"order": order, "amount": amount}
+        )
+        GatewayRequest.objects.create(
+            idempotency_key=idempotency_key, order=order, replayed=not created
+        )
+    return {"charge": charge.pk, "amount": charge.amount}
+
+
+@reliable_task(
+    bind=True,
+    atomic=False,
+    lease=5,
+    idempotency_key=lambda order, amount, lose_response=False: f"chaos-pay:{order}",
+    retry=CHAOS_RETRY,
+)
+def chaos_charge(
+    self: ReliableTask, order: str, amount: int, lose_response: bool = False
+) -> dict[str, Any]:
+    """Lease mode against the gateway; with ``lose_response`` the first attempt's reply is lost."""
+    time.sleep(0.01)  # the network
+    assert self.idempotency_key is not None
+    charge = gateway_charge(self.idempotency_key, order, amount)
+    if lose_response and not self.request.retries:
+        raise GatewayTimeout(f"order {order}: charged, but the response was lost")
+    return charge
+
+
+@reliable_task(retry=CHAOS_RETRY)
+def chaos_declined(key: str) -> None:
+    """Poison: a give-up exception on every attempt (dead reason: give_up)."""
+    raise CardDeclined(f"{key}: card declined")
+
+
+@reliable_task
+def chaos_crash(key: str) -> None:
+    """Poison: kills the process that runs it, every time (dead reason: crash_loop)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@reliable_task(bind=True)
+def celery_style_retry(self: ReliableTask, key: str) -> str:
+    """Uses Celery's own ``self.retry()`` on its first attempt."""
+    Effect.objects.create(key=f"{key}:attempt{self.request.retries}")
+    if not self.request.retries:
+        try:
+            raise GatewayTimeout(f"{key}: the gateway is slow")
+        except GatewayTimeout as exc:
+            raise self.retry(countdown=5, exc=exc) from exc
+    return key
+
+
+@reliable_task(autoretry_for=(GatewayTimeout,))
+def autoretrying(key: str) -> None:
+    raise GatewayTimeout(f"{key}: always slow")
+
+
+@reliable_task
+def slow_query(key: str) -> None:
+    """The database answers, but this task's own statement times out."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL statement_timeout = 10")
+        cursor.execute("SELECT pg_sleep(1)")
