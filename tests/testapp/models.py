@@ -26,3 +26,31 @@ class Observed(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.key}"
+
+
+class GatewayCharge(models.Model):
+    """A fake payment provider's charges (tests/chaos): one per idempotency key, as Stripe's.
+
+    ``order`` is the business id: more than one charge for an order means a task handed the
+    provider a key that was not stable across its executions.
+    """
+
+    idempotency_key = models.CharField(max_length=255, unique=True)
+    order = models.CharField(max_length=100, db_index=True)
+    amount = models.IntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.order} {self.amount}"
+
+
+class GatewayRequest(models.Model):
+    """Every call the fake payment provider received, replays of a known key included."""
+
+    idempotency_key = models.CharField(max_length=255)
+    order = models.CharField(max_length=100)
+    replayed = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.idempotency_key} replayed={self.replayed}"
