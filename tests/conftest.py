@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from reliable_tasks.relay import Relay
-from tests.support import Broker, ProcessFactory, service_reachable
+from tests.support import ROOT, Broker, ProcessFactory, rabbitmqctl, service_reachable
 
 IN_CI = os.environ.get("CI") == "true"
+OUTAGE_LOCK = Path("/tmp/rt-rabbitmq.lock")
 
 
 def require(service: str, port: int) -> None:
@@ -67,6 +71,26 @@ def relay(broker: Broker) -> Iterator[Relay]:
     """An in-process relay on the test database and the local RabbitMQ."""
     with Relay() as r:
         yield r
+
+
+@pytest.fixture
+def service_outage() -> Iterator[None]:
+    """For a test that stops RabbitMQ or Redis: one outage on this machine at a time (other
+    runs, the demo and the chaos suite take the same lock), and every service up again after.
+    """
+    with OUTAGE_LOCK.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            rabbitmqctl("start_app")
+            rabbitmqctl("await_startup")
+            subprocess.run(
+                [str(ROOT / "scripts" / "ensure-services")],
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
 
 
 @pytest.fixture

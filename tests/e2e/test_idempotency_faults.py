@@ -7,7 +7,6 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -215,14 +214,8 @@ def test_two_workers_racing_on_the_same_keys_run_each_once(
     assert counts == {f"race:r{i}": 1 for i in range(rounds)}
 
 
-@pytest.fixture
-def redis_restarts() -> Iterator[None]:
-    yield
-    subprocess.run(["scripts/ensure-services"], check=True, capture_output=True, timeout=180)
-
-
 def test_with_redis_stopped_tasks_still_run_once_and_the_fast_path_returns_after(
-    broker: Broker, relay: Relay, workers: ProcessFactory, redis_restarts: None
+    broker: Broker, relay: Relay, workers: ProcessFactory, service_outage: None
 ) -> None:
     subprocess.run(["redis-cli", "shutdown", "nosave"], capture_output=True, timeout=30)
     wait_for(

@@ -24,15 +24,8 @@ def signal_env(tmp_path: Path) -> dict[str, str]:
     return {"RT_TEST_SIGNAL_DIR": str(tmp_path)}
 
 
-@pytest.fixture
-def broker_restarts() -> object:
-    yield None
-    rabbitmqctl("start_app")
-    rabbitmqctl("await_startup")
-
-
 def test_a_waiting_retry_survives_a_broker_and_worker_restart(
-    broker: Broker, processes: ProcessFactory, signal_env: dict[str, str], broker_restarts: object
+    broker: Broker, processes: ProcessFactory, signal_env: dict[str, str], service_outage: None
 ) -> None:
     processes.relay()
     worker = processes.worker(env=signal_env)

@@ -36,16 +36,8 @@ def received_ids(broker: Broker, expect: int) -> collections.Counter[str]:
     return collections.Counter(m.headers["id"] for m in broker.get_all(expect=expect, timeout=30))
 
 
-@pytest.fixture
-def stopped_broker_restarts() -> object:
-    """Makes sure RabbitMQ runs again when the test ends, whatever happened."""
-    yield None
-    rabbitmqctl("start_app")
-    rabbitmqctl("await_startup")
-
-
 def test_commits_succeed_while_the_broker_is_down_and_rows_go_out_when_it_returns(
-    broker: Broker, processes: ProcessFactory, stopped_broker_restarts: object
+    broker: Broker, processes: ProcessFactory, service_outage: None
 ) -> None:
     relay = processes.relay()
     broker.close()
