@@ -1,7 +1,250 @@
-"""Sentry integration: dead tasks as events with stable fingerprints, retries as breadcrumbs."""
+"""Sentry integration: dead tasks as events with stable fingerprints, retries as breadcrumbs.
+
+Connected in ``AppConfig.ready()``; it does nothing without sentry-sdk (the ``sentry`` extra)
+or without a configured client, and each handler first asks whether a client is active.
+
+Trace context needs no code here. sentry-sdk's ``CeleryIntegration`` wraps Celery's
+``Task.apply_async`` and ``Celery.send_task`` to add ``sentry-trace`` and ``baggage`` headers;
+``ReliableTask.apply_async`` builds its message through that same ``Task.apply_async`` (with
+a capturing producer), so the headers are stored in the outbox row, the relay publishes them
+as they are, and the integration continues the trace when the worker runs the task.
+"""
 
 from __future__ import annotations
 
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
+
+from reliable_tasks import signals
+
+try:
+    import sentry_sdk
+    from sentry_sdk.integrations.logging import ignore_logger
+    from sentry_sdk.tracing_utils import PropagationContext
+    from sentry_sdk.utils import event_from_exception
+except ImportError:  # the "sentry" extra is not installed: connect() does nothing
+    HAVE_SENTRY = False
+else:
+    HAVE_SENTRY = True
+
+if TYPE_CHECKING:
+    from reliable_tasks.models import DeadTask
+
+logger = logging.getLogger("reliable_tasks.sentry")
+
+#: Breadcrumb category and prefix of tag names.
+CATEGORY = "reliable_tasks"
+#: Name of the event context that describes the dead task.
+CONTEXT = "reliable_tasks"
+#: Attempts listed in the context (newest last); a dead task may have many.
+MAX_ATTEMPTS_SHOWN = 10
+#: Sentry cuts tag values at 200 characters.
+MAX_TAG = 200
+#: The logger that announces each dead task; its ERROR record would be a second event.
+DEAD_LOGGER = "reliable_tasks.dead"
+
+_UID = "reliable_tasks.integrations.sentry"
+
 
 def connect() -> None:
-    """Connect the signal handlers when sentry-sdk is installed."""
+    """Connect the signal handlers when sentry-sdk is installed (calling it again is harmless)."""
+    if not HAVE_SENTRY:
+        return
+    # The event of a dead task is sent here, with its fingerprint; sentry-sdk's logging
+    # integration would turn the same ERROR log line into another event, grouped by the
+    # log template, so one issue would hold every kind of dead task.
+    ignore_logger(DEAD_LOGGER)
+    signals.task_dead.connect(_dead, dispatch_uid=f"{_UID}.dead")
+    signals.task_retried.connect(_retried, dispatch_uid=f"{_UID}.retried")
+    signals.task_deferred.connect(_deferred, dispatch_uid=f"{_UID}.deferred")
+    signals.task_duplicate.connect(_duplicate, dispatch_uid=f"{_UID}.duplicate")
+    signals.task_requeued.connect(_requeued, dispatch_uid=f"{_UID}.requeued")
+
+
+# -- handlers ------------------------------------------------------------------------------------
+# Each one returns at once when no client is active, and never raises: a report that fails
+# must not change what happens to the task.
+
+
+def _dead(sender: Any, dead_task: DeadTask, exc: BaseException | None = None, **_: Any) -> None:
+    if not sentry_sdk.get_client().is_active():
+        return
+    try:
+        report_dead_task(dead_task, exc if exc is not None else _exception_in_hand(dead_task))
+    except Exception:  # reporting must never break the task's failure path
+        logger.exception("could not report dead task %s to Sentry", dead_task.pk)
+
+
+def _retried(
+    sender: Any, task: Any, task_id: str, attempt: int, delay: float, exc: BaseException, **_: Any
+) -> None:
+    if not sentry_sdk.get_client().is_active():
+        return
+    _breadcrumb(
+        f"{task.name}: attempt {attempt} failed ({type(exc).__name__}), retry in {delay:.2f} s",
+        level="warning",
+        task=task.name, task_id=task_id, attempt=attempt, delay=delay, exception=_qualname(exc),
+    )  # fmt: skip
+
+
+def _deferred(sender: Any, task: Any, key: str, delay: float, **_: Any) -> None:
+    if not sentry_sdk.get_client().is_active():
+        return
+    _breadcrumb(
+        f"{task.name}: key held by another execution, deferred {delay:.2f} s",
+        task=task.name, idempotency_key=key, delay=delay,
+    )  # fmt: skip
+
+
+def _duplicate(sender: Any, task: Any, key: str, cached: bool, **_: Any) -> None:
+    if not sentry_sdk.get_client().is_active():
+        return
+    _breadcrumb(
+        f"{task.name}: key done already, stored result returned",
+        task=task.name, idempotency_key=key, cached=cached,
+    )  # fmt: skip
+
+
+def _requeued(sender: Any, dead_task: DeadTask, outbox_id: int, user: str = "", **_: Any) -> None:
+    if not sentry_sdk.get_client().is_active():
+        return
+    _breadcrumb(
+        f"dead task {dead_task.pk} ({dead_task.task_name}) requeued",
+        dead_task_id=dead_task.pk, outbox_id=outbox_id, user=user,
+    )  # fmt: skip
+
+
+# -- the dead-task event -------------------------------------------------------------------------
+
+
+def report_dead_task(dead_task: DeadTask, exc: BaseException | None = None) -> str | None:
+    """Send one Sentry event for a dead task; return its event id (None if nothing was sent).
+
+    The fingerprint is the task name and the exception class (the reason when there is no
+    exception), so every dead task of one failure is one Sentry issue. Arguments are included
+    only when the client allows it (``data_collection={"queues": True}``, or
+    ``send_default_pii`` when ``data_collection`` is not set). With ``exc`` (the last
+    attempt's exception) the event carries its stack trace; the stored traceback text of the
+    last attempt is in the ``reliable_tasks`` context either way.
+    """
+    client = sentry_sdk.get_client()
+    task_name = dead_task.task_name or "(unknown task)"
+    with sentry_sdk.new_scope() as scope:
+        scope.set_level("error")
+        scope.fingerprint = [task_name, dead_task.exc_type or dead_task.reason]
+        for name, value in _tags(dead_task, task_name).items():
+            scope.set_tag(f"{CATEGORY}.{name}", value)
+        scope.set_context(CONTEXT, _context(dead_task, _sends_arguments(client)))
+        if exc is not None:
+            event, hint = event_from_exception(
+                exc,
+                client_options=client.options,
+                mechanism={"type": "reliable_tasks", "handled": False},
+            )
+            return sentry_sdk.capture_event(event, hint=hint)
+        message = f"dead task {task_name}: {dead_task.get_reason_display()}"
+        if dead_task.exc_type:
+            message += f": {dead_task.exc_type}"
+        trace = _message_trace(dead_task)
+        if trace is not None:
+            scope.set_context("trace", trace)
+        return sentry_sdk.capture_message(message, level="error")
+
+
+def _tags(dead_task: DeadTask, task_name: str) -> dict[str, str]:
+    tags = {
+        "task": task_name,
+        "reason": dead_task.reason,
+        "attempts": str(dead_task.attempt_count),
+        "dead_task_id": str(dead_task.pk),
+    }
+    if dead_task.idempotency_key:
+        tags["idempotency_key"] = dead_task.idempotency_key
+    if dead_task.task_id:
+        tags["task_id"] = dead_task.task_id
+    if dead_task.queue:
+        tags["queue"] = dead_task.queue
+    return {name: value[:MAX_TAG] for name, value in tags.items()}
+
+
+def _context(dead_task: DeadTask, with_arguments: bool) -> dict[str, Any]:
+    attempts = list(dead_task.attempts or [])
+    last_traceback = next((a["traceback"] for a in reversed(attempts) if a.get("traceback")), "")
+    context: dict[str, Any] = {
+        "dead_task_id": dead_task.pk,
+        "task_id": dead_task.task_id,
+        "task_name": dead_task.task_name,
+        "reason": dead_task.get_reason_display(),
+        "idempotency_key": dead_task.idempotency_key,
+        "queue": dead_task.queue,
+        "exc_type": dead_task.exc_type,
+        "exc_message": dead_task.exc_message,
+        "attempt_count": dead_task.attempt_count,
+        "first_failed_at": _iso(dead_task.first_failed_at),
+        "last_failed_at": _iso(dead_task.last_failed_at),
+        "last_traceback": last_traceback,
+        "attempts": [
+            {k: v for k, v in a.items() if k != "traceback"} for a in attempts[-MAX_ATTEMPTS_SHOWN:]
+        ],
+    }
+    if with_arguments:
+        context["args"] = dead_task.args
+        context["kwargs"] = dead_task.kwargs
+    return context
+
+
+def _sends_arguments(client: Any) -> bool:
+    """Whether task arguments may be sent, as sentry-sdk's Celery integration decides it."""
+    data_collection = client.options.get("data_collection")
+    if data_collection and data_collection.get("provided_by_user"):
+        # sentry-sdk 2.x's newer option; it takes precedence over send_default_pii.
+        return bool(data_collection.get("queues"))
+    return bool(client.should_send_default_pii())
+
+
+def _message_trace(dead_task: DeadTask) -> dict[str, Any] | None:
+    """The producer's trace, from the message, for a dead task found outside a traced execution.
+
+    A message for an unknown task, or one that cannot be decoded, becomes a dead task in the
+    worker's consumer, where no transaction runs (an orphan span may: Django's integration
+    wraps signal receivers in spans). Inside a task's execution the trace is already the
+    producer's, continued by the Celery integration.
+    """
+    span = sentry_sdk.get_current_span()
+    if span is not None and span.containing_transaction is not None:
+        return None
+    if not isinstance(dead_task.headers, dict) or not dead_task.headers.get("sentry-trace"):
+        return None
+    context = PropagationContext.from_incoming_data(dead_task.headers)
+    return {
+        "trace_id": context.trace_id,
+        "span_id": context.span_id,
+        "parent_span_id": context.parent_span_id,
+    }
+
+
+def _exception_in_hand(dead_task: DeadTask) -> BaseException | None:
+    """The exception being handled, if it is the one that made this task dead.
+
+    ``task_dead`` is sent when the dead task's transaction commits, which on a worker is
+    still inside the ``except`` block that caught the last attempt's exception.
+    """
+    exc = sys.exc_info()[1]
+    if exc is not None and dead_task.exc_type and _qualname(exc) == dead_task.exc_type:
+        return exc
+    return None
+
+
+def _iso(value: Any) -> str:
+    # A dead task fresh from ``dead.capture`` may hold the ISO text it was created from.
+    return value if isinstance(value, str) else str(value.isoformat())
+
+
+def _breadcrumb(message: str, *, level: str = "info", **data: Any) -> None:
+    sentry_sdk.add_breadcrumb(category=CATEGORY, message=message, level=level, data=data)
+
+
+def _qualname(exc: BaseException) -> str:
+    cls = type(exc)
+    return f"{cls.__module__}.{cls.__qualname__}"
