@@ -26,6 +26,7 @@ from .conf import conf
 from .exceptions import ReliableTasksError
 from .models import DeadReason, DeadStatus, DeadTask, OutboxMessage, TaskAttempt
 from .outbox import (
+    ENQUEUED_AT_HEADER,
     FIRST_ATTEMPT_HEADER,
     KEY_HEADER,
     PREVIOUS_DELAY_HEADER,
@@ -151,7 +152,11 @@ def capture(
 
 
 def capture_raw(message: RawMessage, *, reason: str, error: str, queue: str = "") -> DeadTask:
-    """Store a message that could not become a task call (unknown task, undecodable body)."""
+    """Store a message that could not become a task call (unknown task, undecodable body).
+
+    ``queue`` is kept only for a message sent to the default exchange, where the routing key
+    names the queue; elsewhere a requeue publishes to the exchange and routing key as they were.
+    """
     headers = _plain(message.headers or {})
     content_encoding = message.content_encoding
     raw = message.body
@@ -179,7 +184,7 @@ def capture_raw(message: RawMessage, *, reason: str, error: str, queue: str = ""
         task_name=str(headers.get("task") or ""),
         args=_plain(args) if isinstance(args, list | tuple) else None,
         kwargs=_plain(kwargs) if isinstance(kwargs, dict) else None,
-        queue=queue,
+        queue=queue if not message.exchange else "",
         exchange=message.exchange,
         routing_key=message.routing_key,
         headers=headers,
@@ -221,6 +226,7 @@ def requeue(
     headers = {k: v for k, v in dead.headers.items() if k not in ATTEMPT_HEADERS}
     properties = dict(dead.properties)
     headers["retries"] = 0
+    headers[ENQUEUED_AT_HEADER] = timezone.now().isoformat()
     body, content_type, content_encoding = dead.body, dead.content_type, dead.content_encoding
     if args is not None or kwargs is not None:
         body, content_type, content_encoding = _reencode(dead, args, kwargs)
@@ -235,6 +241,9 @@ def requeue(
         headers[KEY_HEADER] = f"{base_key}:requeue:{task_id[:8]}"
     now = timezone.now()
     with transaction.atomic(using=conf.DATABASE):
+        # A fresh start: earlier attempts (their copy stays with the dead task) no longer count,
+        # or a requeued crash loop would be dead again at its first crash.
+        TaskAttempt.objects.using(conf.DATABASE).filter(task_id=dead.task_id).delete()
         row = OutboxMessage.objects.using(conf.DATABASE).create(
             task_id=task_id,
             task_name=dead.task_name or str(headers["task"]),
@@ -275,17 +284,35 @@ def requeue_many(
     user: str = "",
     batch_size: int = 500,
 ) -> int:
-    """Requeue every dead task of a query (status "dead" only), in batches; return how many."""
-    return _in_batches(dead_tasks, batch_size, lambda d: requeue(d, renew_key=renew_key, user=user))
+    """Requeue every dead task of a query (status "dead" only), in batches; return how many.
+
+    Dead tasks that cannot be requeued (an undecodable body, no task name) are skipped, with a
+    warning, and stay dead.
+    """
+
+    def act(dead: DeadTask) -> bool:
+        try:
+            requeue(dead, renew_key=renew_key, user=user)
+        except CannotRequeue as exc:
+            logger.warning("%s", exc)
+            return False
+        return True
+
+    return _in_batches(dead_tasks, batch_size, act)
 
 
 def discard_many(dead_tasks: QuerySet[DeadTask], *, user: str = "", batch_size: int = 500) -> int:
     """Discard every dead task of a query (status "dead" only), in batches; return how many."""
-    return _in_batches(dead_tasks, batch_size, lambda d: discard(d, user=user))
+
+    def act(dead: DeadTask) -> bool:
+        discard(dead, user=user)
+        return True
+
+    return _in_batches(dead_tasks, batch_size, act)
 
 
 def _in_batches(
-    dead_tasks: QuerySet[DeadTask], batch_size: int, act: Callable[[DeadTask], Any]
+    dead_tasks: QuerySet[DeadTask], batch_size: int, act: Callable[[DeadTask], bool]
 ) -> int:
     ids = list(dead_tasks.filter(status=DeadStatus.DEAD).values_list("pk", flat=True))
     done = 0
@@ -295,8 +322,7 @@ def _in_batches(
         )
         with transaction.atomic(using=conf.DATABASE):
             for dead in chunk:
-                act(dead)
-                done += 1
+                done += act(dead)
     return done
 
 

@@ -34,11 +34,12 @@ def check() -> Health:
     if not alive:
         running = [r for r in snap.relays if not r.stopped]
         last = min((r.seconds_since_seen for r in running), default=None)
-        seen = (
-            f"; the last was seen {last:.0f} s ago"
-            if last is not None
-            else "; none has ever run here"
-        )
+        if last is not None:
+            seen = f"; the last was seen {last:.0f} s ago"
+        elif snap.relays:
+            seen = "; every relay recorded has stopped"
+        else:
+            seen = "; none has ever run here"
         reasons.append(
             f"no relay heartbeat in the last {silence:g} s{seen}: start `manage.py reliable_tasks relay`"
         )

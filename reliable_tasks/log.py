@@ -1,7 +1,9 @@
 """One log form for relays and workers: ``task=… id=… key=… attempt=… | message``.
 
 Every line about a task starts with the same fields, so one grep for a task id (or an
-idempotency key) follows it from enqueue through the relay to each attempt and its end.
+idempotency key) follows it through its attempts, retries, deferrals, duplicates, publish
+failures and its death or requeue. (Enqueue and a successful publish log nothing: they are
+the hot path, and the outbox row records them.)
 """
 
 from __future__ import annotations

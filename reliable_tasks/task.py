@@ -17,12 +17,12 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-from celery import Task, shared_task
+from celery import Task, shared_task, signature
 from celery.backends.rpc import RPCBackend
 from celery.exceptions import Ignore, Reject
-from celery.utils.time import maybe_make_aware
 from celery.exceptions import Retry as CeleryRetry
 from celery.result import AsyncResult
+from celery.utils.time import maybe_make_aware
 from django.core.exceptions import ImproperlyConfigured
 from django.db import InterfaceError, OperationalError, connections, transaction
 from django.utils import timezone
@@ -250,12 +250,19 @@ class ReliableTask(Task[Any, Any]):
         """Celery's ``self.retry()``, made durable: the retry policy schedules the next attempt.
 
         The next attempt is written to the outbox with the failed attempt's record, after
-        ``countdown`` (or until ``eta``) when given, else after the policy's backoff. Celery's
-        ``max_retries`` and ``default_retry_delay`` give way to the policy. ``autoretry_for``
+        ``countdown`` (or until ``eta``) when given, else after the policy's backoff, with
+        ``args`` / ``kwargs`` when given. Celery's ``max_retries``, ``default_retry_delay`` and
+        routing options give way to the policy and the original routing. ``autoretry_for``
         works through this too.
         """
         if self.request.called_directly:
             super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        if args is not None or kwargs is not None:
+            # The next attempt runs with these arguments instead.
+            cast(Any, self.request).reliable_retry_call = (
+                args if args is not None else self.request.args,
+                kwargs if kwargs is not None else self.request.kwargs,
+            )
         delay: float | None = None
         if countdown is not None:
             delay = float(countdown)
@@ -319,13 +326,29 @@ def _database_down(task: ReliableTask, exc: Exception) -> NoReturn:
 
 
 def _database_reachable() -> bool:
+    """Does the database answer? A task's own failed query leaves it answering."""
     connection = connections[conf.DATABASE]
     try:
-        connection.close()
-        connection.ensure_connection()
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
     except (OperationalError, InterfaceError):
-        return False
+        if connection.in_atomic_block:
+            return False  # an enclosing transaction (a test's) cannot be reconnected under
+        try:
+            connection.close()
+            connection.ensure_connection()
+        except (OperationalError, InterfaceError):
+            return False
     return True
+
+
+def _policy_of(task: ReliableTask) -> RetryPolicy:
+    """The task's policy; a broken project default is logged and replaced, never fatal here."""
+    try:
+        return task._retry_policy()
+    except ImproperlyConfigured as exc:
+        log.for_task(logger, task).error("%s; using RetryPolicy() meanwhile", exc)
+        return RetryPolicy()
 
 
 def _failed(
@@ -346,21 +369,22 @@ def _failed(
     first_raw = _header(request, FIRST_ATTEMPT_HEADER)
     first = datetime.fromisoformat(first_raw) if first_raw else started_at
     previous = _header(request, PREVIOUS_DELAY_HEADER)
+    # A retry the task asked for records the error that led to it, when it named one.
+    cause: Exception = exc
+    if isinstance(exc, RetryRequest) and isinstance(exc.cause, Exception):
+        cause = exc.cause
     if isinstance(exc, IdempotencyKeyReused):
         decision = Decision(retry=False, reason=DeadReason.KEY_REUSED, delay=0.0)
     else:
-        decision = task._retry_policy().decide(
-            exc,
+        decision = _policy_of(task).decide(
+            cause,
             attempt=attempt,
             elapsed=(timezone.now() - first).total_seconds(),
             previous_delay=float(previous) if previous is not None else None,
             requested_delay=exc.delay if isinstance(exc, RetryRequest) else None,
             requested=isinstance(exc, RetryRequest),
         )
-    # A retry the task asked for records the error that led to it, when it named one.
-    cause: Exception = exc
-    if isinstance(exc, RetryRequest) and isinstance(exc.cause, Exception):
-        cause = exc.cause
+    retry_args, retry_kwargs = getattr(request, "reliable_retry_call", None) or (args, kwargs)
     try:
         with transaction.atomic(using=conf.DATABASE):
             TaskAttempt.objects.using(conf.DATABASE).create(
@@ -376,8 +400,8 @@ def _failed(
                 headers[PREVIOUS_DELAY_HEADER] = decision.delay
                 task.signature_from_request(
                     request,
-                    tuple(args),
-                    dict(kwargs),
+                    tuple(retry_args),
+                    dict(retry_kwargs),
                     countdown=decision.delay,
                     retries=attempt,
                     headers=headers,
@@ -505,6 +529,7 @@ def _run_atomic(task: ReliableTask, claim: Claim, fingerprint: str, args: Any, k
     result = task.run(*args, **kwargs)
     stored = ledger.encode_result(task.name, result)
     ledger.complete(claim, stored)
+    _send_follow_ups(task, result)
     transaction.on_commit(
         lambda: ledger.done_cache.set(task.name, claim.key, fingerprint, stored),
         using=conf.DATABASE,
@@ -528,13 +553,40 @@ def _run_leased(task: ReliableTask, claim: Claim, fingerprint: str, args: Any, k
             )
         raise
     stored = ledger.encode_result(task.name, result)
-    if ledger.complete(claim, stored):
+    with transaction.atomic(using=conf.DATABASE):
+        completed = ledger.complete(claim, stored)
+        if completed:
+            _send_follow_ups(task, result)
+    if completed:
         ledger.done_cache.set(task.name, claim.key, fingerprint, stored)
     else:
         log.for_task(logger, task, claim.key).warning(
             "finished after losing the key to another execution; its result is not recorded"
         )
     return result
+
+
+def _send_follow_ups(task: ReliableTask, result: Any) -> None:
+    """Enqueue the task's ``link`` callbacks and its chain's next step, in the transaction that
+    marks its key done: they are sent once, with the effect, or not at all.
+
+    Celery would send them after the task returned, where a worker killed in between loses
+    them; taking them off the request here stops Celery from sending them a second time.
+    """
+    request = cast(Any, task.request)
+    callbacks, chain = request.callbacks, request.chain
+    request.callbacks = request.chain = None
+    if not callbacks and not chain:
+        return
+    options = {
+        "parent_id": request.id,
+        "root_id": request.root_id or request.id,
+        "priority": (request.delivery_info or {}).get("priority"),
+    }
+    for callback in callbacks or ():
+        signature(callback, app=task.app).apply_async((result,), **options)
+    if chain:
+        signature(chain[-1], app=task.app).apply_async((result,), chain=chain[:-1], **options)
 
 
 def _not_owned(task: ReliableTask, claim: Claim, fingerprint: str) -> Any:
@@ -570,8 +622,8 @@ def _duplicate(
         "key already done; not run again, stored result returned (%s)",
         "cache" if cached else "database",
     )
-    # The first execution sent its callbacks; a duplicate must not send them again.
-    cast(Any, task.request).callbacks = None
+    # The first execution sent its callbacks and next chain step with its "done".
+    cast(Any, task.request).callbacks = cast(Any, task.request).chain = None
     signals.task_duplicate.send(
         sender=task.__class__, task=task, key=key, cached=cached, result=result
     )

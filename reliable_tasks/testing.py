@@ -11,8 +11,8 @@ In a test with the database (``pytest.mark.django_db``, Django's ``TestCase`` or
         testing.run_enqueued()
         assert Receipt.objects.count() == 1
 
-``run_enqueued`` runs each pending row through the task's normal execution (idempotency key,
-atomic or lease mode) in this process, then marks the row dispatched, until nothing is left.
+``run_enqueued`` marks each pending row dispatched and runs it through the task's normal
+execution (idempotency key, atomic or lease mode) in this process, until nothing is left.
 
 Done keys are also remembered in the cache (``RELIABLE_TASKS_CACHE_ALIAS``), which a test
 database's rollback does not clear: set ``RELIABLE_TASKS_CACHE_ALIAS = None`` in test settings,

@@ -100,16 +100,22 @@ class _Collector:
             if not relay.stopped:
                 seen.add_metric([relay.name], relay.seconds_since_seen)
         yield seen
-        dead = GaugeMetricFamily(
-            "reliable_tasks_dead_tasks",
-            "Dead tasks nobody acted on yet.",
-            labels=["task", "reason"],
+        by_reason = GaugeMetricFamily(
+            "reliable_tasks_dead_tasks_by_reason",
+            "Dead tasks nobody acted on yet, by reason.",
+            labels=["reason"],
         )
         for reason, count in s.dead_by_reason.items():
-            dead.add_metric(["", reason], count)
+            by_reason.add_metric([reason], count)
+        yield by_reason
+        by_task = GaugeMetricFamily(
+            "reliable_tasks_dead_tasks_by_task",
+            "Dead tasks nobody acted on yet, by task.",
+            labels=["task"],
+        )
         for task, count in s.dead_by_task.items():
-            dead.add_metric([task, ""], count)
-        yield dead
+            by_task.add_metric([task], count)
+        yield by_task
         yield GaugeMetricFamily(
             "reliable_tasks_ledger_keys", "Idempotency keys in the ledger.", value=s.ledger_keys
         )

@@ -7,7 +7,7 @@ import io
 import json
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import connection
 from django.test import Client, override_settings
 from django.utils import timezone
@@ -80,6 +80,11 @@ def test_health_fails_without_a_relay_and_passes_with_one(client: Client) -> Non
         "no relay heartbeat in the last 60 s; none has ever run here"
         in response.json()["reasons"][0]
     )
+    RelayHeartbeat.objects.create(
+        name="gone", hostname="h", pid=2, started_at=timezone.now(), last_seen_at=timezone.now(),
+        stopped_at=timezone.now(),
+    )  # fmt: skip
+    assert "every relay recorded has stopped" in client.get("/rt/health/").json()["reasons"][0]
     beat(seconds_ago=1)
     response = client.get("/rt/health/")
     assert response.status_code == 200
@@ -111,7 +116,8 @@ def test_metrics_are_served_in_prometheus_text_format(client: Client) -> None:
     make_dead(3)
     text = client.get("/rt/metrics/").content.decode()
     assert "reliable_tasks_outbox_pending 1.0" in text
-    assert 'reliable_tasks_dead_tasks{reason="give_up",task=""} 1.0' in text
+    assert 'reliable_tasks_dead_tasks_by_reason{reason="give_up"} 1.0' in text
+    assert f'reliable_tasks_dead_tasks_by_task{{task="{pay.name}"}} 1.0' in text
     assert 'reliable_tasks_relay_seconds_since_heartbeat{relay="relay-1"}' in text
     assert "reliable_tasks_task_latency_seconds_bucket" in text
     assert "reliable_tasks_duplicate_hits_total" in text
@@ -145,6 +151,12 @@ def test_requeue_command_filters_and_dry_runs() -> None:
     assert run("requeue", "--id", str(first.pk)) == "requeued 1 dead tasks through the outbox\n"
     assert DeadTask.objects.get(pk=first.pk).status == "requeued"
     assert run("requeue", "--task", "no.such.task") == "requeued 0 dead tasks through the outbox\n"
+    with pytest.raises(CommandError, match="say which dead tasks to requeue"):
+        run("requeue")
+    assert (
+        run("requeue", "--all", "--since", "2000-01-01T00:00:00")
+        == "requeued 1 dead tasks through the outbox\n"
+    )
 
 
 def test_prune_command_reports_what_it_deleted() -> None:
@@ -169,12 +181,15 @@ def test_the_snapshot_queries_use_indexes_on_a_large_outbox() -> None:
         )
         cursor.execute("ANALYZE reliable_tasks_outbox")
     pending = OutboxMessage.objects.filter(status="pending")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "EXPLAIN SELECT MIN(due_at) FROM reliable_tasks_outbox WHERE status = 'pending' AND due_at <= %s",
+            [now],
+        )
+        oldest_plan = "\n".join(row[0] for row in cursor.fetchall())
     plans = {
         "pending": pending.explain(),
-        "oldest due": pending.filter(due_at__lte=now)
-        .values("due_at")
-        .order_by("due_at")[:1]
-        .explain(),
+        "oldest due (MIN)": oldest_plan,
         "dispatched last minute": OutboxMessage.objects.filter(
             status="dispatched", dispatched_at__gte=now - dt.timedelta(minutes=1)
         ).explain(),

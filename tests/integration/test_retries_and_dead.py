@@ -16,8 +16,10 @@ from tests.testapp.tasks import (
     autoretrying,
     celery_style_retry,
     charge,
+    declines_through_autoretry,
     pay,
     record,
+    retries_with_other_args,
     slow_query,
     with_deadline,
 )
@@ -274,3 +276,24 @@ def test_a_task_whose_own_query_fails_is_retried_not_requeued() -> None:
     [attempt] = TaskAttempt.objects.all()
     assert attempt.exc_type == "django.db.utils.OperationalError"
     assert "statement timeout" in attempt.message
+
+
+def test_give_up_on_wins_over_autoretry_for() -> None:
+    declines_through_autoretry.apply((51,))
+    task = DeadTask.objects.get()
+    assert (task.reason, task.exc_type) == ("give_up", "tests.testapp.tasks.CardDeclined")
+
+
+def test_self_retry_with_new_arguments_runs_the_next_attempt_with_them() -> None:
+    retries_with_other_args.delay("n")
+    testing.run_enqueued()
+    assert list(Effect.objects.values_list("key", flat=True)) == ["n:step1"]
+
+
+def test_a_requeued_task_starts_its_attempt_count_afresh() -> None:
+    task = _dead_pay(61)
+    assert TaskAttempt.objects.filter(task_id=task.task_id).count() == 3
+    dead.requeue(task, kwargs={"outcome": "ok"})
+    assert not TaskAttempt.objects.filter(task_id=task.task_id).exists()
+    assert len(DeadTask.objects.get(pk=task.pk).attempts) == 3
+    assert testing.run_enqueued() == ["paid 61"]

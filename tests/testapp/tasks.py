@@ -278,3 +278,20 @@ def slow_query(key: str) -> None:
     with connection.cursor() as cursor:
         cursor.execute("SET LOCAL statement_timeout = 10")
         cursor.execute("SELECT pg_sleep(1)")
+
+
+@reliable_task(
+    bind=True,
+    retry=RetryPolicy(max_attempts=5, give_up_on=(CardDeclined,)),
+    autoretry_for=(Exception,),
+)
+def declines_through_autoretry(self: ReliableTask, order_id: int) -> None:
+    raise CardDeclined(f"card declined for order {order_id}")
+
+
+@reliable_task(bind=True)
+def retries_with_other_args(self: ReliableTask, key: str, step: int = 0) -> str:
+    if step == 0:
+        raise self.retry(countdown=0, kwargs={"step": 1})
+    Effect.objects.create(key=f"{key}:step{step}")
+    return key

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
+from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from reliable_tasks import dead, ledger, outbox
@@ -66,6 +67,9 @@ class Command(BaseCommand):
         )
         requeue.add_argument(
             "--renew-key", action="store_true", help="Run under new idempotency keys."
+        )
+        requeue.add_argument(
+            "--all", action="store_true", help="Every dead task (needed when no filter is given)."
         )
         requeue.add_argument(
             "--dry-run", action="store_true", help="Say how many would be requeued; change nothing."
@@ -155,6 +159,12 @@ class Command(BaseCommand):
     def _requeue(self, options: dict[str, Any]) -> None:
         from reliable_tasks.models import DeadStatus, DeadTask
 
+        filters = ("ids", "task", "reason", "exc_type", "since")
+        if not options["all"] and not any(options[f] for f in filters):
+            raise CommandError(
+                "say which dead tasks to requeue: --id, --task, --reason, --exc-type or --since, "
+                "or --all for every one (try --dry-run first)"
+            )
         tasks = DeadTask.objects.using(conf.DATABASE).filter(status=DeadStatus.DEAD)
         if options["ids"]:
             tasks = tasks.filter(pk__in=options["ids"])
@@ -173,7 +183,13 @@ class Command(BaseCommand):
         done = dead.requeue_many(
             tasks, renew_key=options["renew_key"], user="manage.py reliable_tasks requeue"
         )
-        self.stdout.write(f"requeued {done} dead tasks through the outbox")
+        skipped = count - done
+        note = (
+            f"; {skipped} cannot be sent again as they are (see the log): discard them"
+            if skipped > 0
+            else ""
+        )
+        self.stdout.write(f"requeued {done} dead tasks through the outbox{note}")
 
 
 def _parse_since(value: str) -> datetime:
@@ -182,7 +198,8 @@ def _parse_since(value: str) -> datetime:
         raise CommandError(
             f"--since takes an ISO 8601 time such as 2026-11-28T09:00:00+00:00, got {value!r}"
         )
-    return parsed
+    # A time without an offset is in the project's time zone, as Django reads it elsewhere.
+    return parsed if timezone.is_aware(parsed) else timezone.make_aware(parsed)
 
 
 def _describe(result: Any) -> str:
