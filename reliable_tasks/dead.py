@@ -39,6 +39,8 @@ logger = logging.getLogger("reliable_tasks.dead")
 
 #: Headers of one run of attempts, dropped when a dead task starts over.
 ATTEMPT_HEADERS = (FIRST_ATTEMPT_HEADER, PREVIOUS_DELAY_HEADER)
+#: Headers that time the previous enqueue (tracing tools add them); a requeue is a new one.
+STALE_ON_REQUEUE = ("sentry-task-enqueued-time",)
 
 MAX_TRACEBACK = 16 * 1024
 MAX_MESSAGE = 4 * 1024
@@ -147,7 +149,7 @@ def capture(
         first_failed_at=first or now,
         last_failed_at=now,
     )
-    _announce(dead)
+    _announce(dead, exc)
     return dead
 
 
@@ -223,7 +225,11 @@ def requeue(
         )
     if not dead.headers.get("task"):
         raise CannotRequeue(f"dead task {dead.pk} has no task name in its headers; discard it.")
-    headers = {k: v for k, v in dead.headers.items() if k not in ATTEMPT_HEADERS}
+    headers = {k: v for k, v in dead.headers.items() if k not in ATTEMPT_HEADERS + STALE_ON_REQUEUE}
+    if isinstance(headers.get("headers"), dict):
+        headers["headers"] = {
+            k: v for k, v in headers["headers"].items() if k not in STALE_ON_REQUEUE
+        }
     properties = dict(dead.properties)
     headers["retries"] = 0
     headers[ENQUEUED_AT_HEADER] = timezone.now().isoformat()
@@ -341,7 +347,7 @@ def _reencode(
     return data, content_type, content_encoding
 
 
-def _announce(dead: DeadTask) -> None:
+def _announce(dead: DeadTask, exc: BaseException | None = None) -> None:
     cause = f"{dead.exc_type}: {dead.exc_message}" if dead.exc_type else dead.exc_message
     log.with_fields(
         logger,
@@ -351,7 +357,8 @@ def _announce(dead: DeadTask) -> None:
         dead_task=dead.pk,
     ).error("dead task: %s%s", dead.get_reason_display(), f" ({cause})" if cause else "")
     transaction.on_commit(
-        lambda: signals.task_dead.send(sender=DeadTask, dead_task=dead), using=conf.DATABASE
+        lambda: signals.task_dead.send(sender=DeadTask, dead_task=dead, exc=exc),
+        using=conf.DATABASE,
     )
 
 

@@ -19,7 +19,8 @@ task_deferred = Signal()
 #: Args: task, task_id, attempt (the number that failed), delay, exc.
 task_retried = Signal()
 
-#: A task became a dead task (sent once its transaction committed). Args: dead_task.
+#: A task became a dead task (sent once its transaction committed). Args: dead_task, exc (the
+#: last attempt's exception, or None for a message that never became a task call).
 task_dead = Signal()
 
 #: A dead task was sent again through the outbox. Args: dead_task, outbox_id, user.
