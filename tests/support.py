@@ -170,6 +170,7 @@ def make_dead_task(
     exc_message: str = "the payment gateway timed out",
     attempts: int = 3,
     save: bool = True,
+    task_kwargs: dict[str, Any] | None = None,
     **fields: Any,
 ) -> Any:
     """A dead task holding a real message: ``task`` is enqueued with ``args`` through the outbox.
@@ -186,7 +187,7 @@ def make_dead_task(
 
     from reliable_tasks.models import DeadTask, OutboxMessage, OutboxStatus
 
-    result = task.delay(*args)
+    result = task.delay(*args, **(task_kwargs or {}))
     row = OutboxMessage.objects.get(task_id=result.id)
     OutboxMessage.objects.filter(pk=row.pk).update(
         status=OutboxStatus.DISPATCHED, dispatched_at=timezone.now()

@@ -1,0 +1,121 @@
+"""Forms of the dead-task admin: how to requeue, and arguments corrected by an operator."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django import forms
+
+from .conf import conf
+
+KEEP = "keep"
+RENEW = "renew"
+
+
+class RequeueForm(forms.Form):
+    """Whether a requeue runs under the dead task's idempotency key or a new one."""
+
+    key = forms.ChoiceField(
+        label="Idempotency key",
+        choices=[
+            (
+                KEEP,
+                "Keep the key: if an earlier run of this key completed, the task is not run again.",
+            ),
+            (RENEW, "Renew the key: run again as a new execution, with a new task id."),
+        ],
+        initial=KEEP,
+        widget=forms.RadioSelect,
+    )
+
+    @property
+    def renew_key(self) -> bool:
+        return bool(self.cleaned_data["key"] == RENEW)
+
+
+class EditedArgumentsForm(RequeueForm):
+    """New ``args`` and ``kwargs`` as JSON, checked before anything is written."""
+
+    args = forms.CharField(
+        label="Positional arguments (args)",
+        required=False,
+        strip=True,
+        widget=forms.Textarea(attrs={"rows": 8, "cols": 80, "spellcheck": "false"}),
+        help_text='A JSON list, e.g. [42, "EUR"]. Empty means no positional arguments.',
+    )
+    kwargs = forms.CharField(
+        label="Keyword arguments (kwargs)",
+        required=False,
+        strip=True,
+        widget=forms.Textarea(attrs={"rows": 8, "cols": 80, "spellcheck": "false"}),
+        help_text='A JSON object, e.g. {"amount": 1250}. Empty means no keyword arguments.',
+    )
+
+    def clean_args(self) -> list[Any]:
+        value = _parse(self.cleaned_data["args"], "The positional arguments", default=[])
+        if not isinstance(value, list):
+            raise forms.ValidationError(
+                'The positional arguments must be a JSON list, like [42, "EUR"]; '
+                f"this is a JSON {_kind(value)}.",
+                code="not_a_list",
+            )
+        return value
+
+    def clean_kwargs(self) -> dict[str, Any]:
+        value = _parse(self.cleaned_data["kwargs"], "The keyword arguments", default={})
+        if not isinstance(value, dict):
+            raise forms.ValidationError(
+                'The keyword arguments must be a JSON object, like {"amount": 1250}; '
+                f"this is a JSON {_kind(value)}.",
+                code="not_an_object",
+            )
+        return value
+
+    def clean(self) -> dict[str, Any] | None:
+        cleaned = super().clean()
+        if cleaned is not None and "args" in cleaned and "kwargs" in cleaned:
+            size = len(json.dumps([cleaned["args"], cleaned["kwargs"]]).encode())
+            limit = int(conf.MAX_PAYLOAD_BYTES)
+            if size > limit:
+                raise forms.ValidationError(
+                    f"The arguments are {size:,} bytes as JSON; the limit is "
+                    f"RELIABLE_TASKS_MAX_PAYLOAD_BYTES = {limit:,} bytes.",
+                    code="too_large",
+                )
+        return cleaned
+
+
+def _parse(text: str, what: str, *, default: Any) -> Any:
+    if not text:
+        return default
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise forms.ValidationError(
+            f"{what} are not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno}).",
+            code="invalid_json",
+        ) from exc
+    except ValueError as exc:
+        raise forms.ValidationError(
+            f"{what} are not valid JSON: {exc}", code="invalid_json"
+        ) from exc
+
+
+def _refuse_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; JSON, PostgreSQL's jsonb and workers do not.
+    raise ValueError(f"{name} is not a JSON value; write a number or null.")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"
