@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install demo test test-postgres test-sqlite lint typecheck bench docs services clean
+.PHONY: install demo test test-postgres test-sqlite lint typecheck bench chaos docs services clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ test-sqlite: install
 
 bench: install
 	$(BIN)/python benchmarks/run.py
+
+# 10,000 tasks through two relays and three workers while workers and relays are SIGKILLed,
+# RabbitMQ restarts and Redis stops; checks every effect happened exactly once. It prints its
+# seed: `make chaos ARGS="--seed N"` replays a run (`--small` is the run inside `make test`).
+chaos: install
+	$(BIN)/python -m tests.chaos $(ARGS)
 
 docs: install
 	$(BIN)/sphinx-build -q -W --keep-going -b html docs docs/_build/html
