@@ -10,7 +10,7 @@ import base64
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -218,6 +218,27 @@ def requeue(
         args, kwargs: New arguments (say, corrected by an operator); the old ones otherwise.
         user: Who asked, for the record.
     """
+    row = _outbox_row(dead, renew_key=renew_key, args=args, kwargs=kwargs)
+    with transaction.atomic(using=conf.DATABASE):
+        _start_afresh([dead.task_id])
+        row.save(using=conf.DATABASE, force_insert=True)
+        DeadTask.objects.using(conf.DATABASE).filter(pk=dead.pk).update(
+            **_requeued(user, timezone.now()),
+            requeued_outbox_id=row.pk,
+            requeued_task_id=row.task_id,
+        )
+    _requeue_done(dead, row, user)
+    return row
+
+
+def _outbox_row(
+    dead: DeadTask,
+    *,
+    renew_key: bool = False,
+    args: Sequence[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> OutboxMessage:
+    """The (unsaved) outbox row that sends a dead task's message again."""
     if dead.content_encoding == "base64":
         raise CannotRequeue(
             f"dead task {dead.pk} holds a message whose body could not be decoded; it cannot be "
@@ -245,35 +266,35 @@ def requeue(
         properties["correlation_id"] = task_id
         base_key = dead.idempotency_key or dead.task_id
         headers[KEY_HEADER] = f"{base_key}:requeue:{task_id[:8]}"
-    now = timezone.now()
-    with transaction.atomic(using=conf.DATABASE):
-        # A fresh start: earlier attempts (their copy stays with the dead task) no longer count,
-        # or a requeued crash loop would be dead again at its first crash.
-        TaskAttempt.objects.using(conf.DATABASE).filter(task_id=dead.task_id).delete()
-        row = OutboxMessage.objects.using(conf.DATABASE).create(
-            task_id=task_id,
-            task_name=dead.task_name or str(headers["task"]),
-            queue=dead.queue,
-            exchange=dead.exchange,
-            routing_key=dead.routing_key,
-            headers=headers,
-            properties=properties,
-            body=body,
-            content_type=content_type,
-            content_encoding=content_encoding,
-        )
-        DeadTask.objects.using(conf.DATABASE).filter(pk=dead.pk).update(
-            status=DeadStatus.REQUEUED,
-            status_changed_at=now,
-            status_changed_by=user,
-            requeued_outbox_id=row.pk,
-            requeued_task_id=task_id,
-        )
+    return OutboxMessage(
+        task_id=task_id,
+        task_name=dead.task_name or str(headers["task"]),
+        queue=dead.queue,
+        exchange=dead.exchange,
+        routing_key=dead.routing_key,
+        headers=headers,
+        properties=properties,
+        body=body,
+        content_type=content_type,
+        content_encoding=content_encoding,
+    )
+
+
+def _start_afresh(task_ids: list[str]) -> None:
+    """Forget earlier attempts (their copy stays with the dead task): a requeued crash loop
+    would otherwise be dead again at its first crash."""
+    TaskAttempt.objects.using(conf.DATABASE).filter(task_id__in=task_ids).delete()
+
+
+def _requeued(user: str, now: datetime) -> dict[str, Any]:
+    return {"status": DeadStatus.REQUEUED, "status_changed_at": now, "status_changed_by": user}
+
+
+def _requeue_done(dead: DeadTask, row: OutboxMessage, user: str) -> None:
     signals.task_requeued.send(sender=DeadTask, dead_task=dead, outbox_id=row.pk, user=user)
-    log.with_fields(logger, task=dead.task_name, id=task_id, dead_task=dead.pk).info(
+    log.with_fields(logger, task=dead.task_name, id=row.task_id, dead_task=dead.pk).info(
         "dead task requeued through the outbox by %s", user or "-"
     )
-    return row
 
 
 def discard(dead: DeadTask, *, user: str = "") -> None:
@@ -292,43 +313,67 @@ def requeue_many(
 ) -> int:
     """Requeue every dead task of a query (status "dead" only), in batches; return how many.
 
-    Dead tasks that cannot be requeued (an undecodable body, no task name) are skipped, with a
-    warning, and stay dead.
+    Each batch is one transaction: its dead tasks are locked (a second operator's bulk action
+    skips them), their outbox rows inserted in one statement, their status set. Dead tasks
+    that cannot be requeued (an undecodable body, no task name) are skipped with a warning.
     """
-
-    def act(dead: DeadTask) -> bool:
-        try:
-            requeue(dead, renew_key=renew_key, user=user)
-        except CannotRequeue as exc:
-            logger.warning("%s", exc)
-            return False
-        return True
-
-    return _in_batches(dead_tasks, batch_size, act)
+    ids = list(dead_tasks.filter(status=DeadStatus.DEAD).values_list("pk", flat=True))
+    done = 0
+    for start in range(0, len(ids), batch_size):
+        with transaction.atomic(using=conf.DATABASE):
+            batch = list(
+                DeadTask.objects.using(conf.DATABASE)
+                .select_for_update(skip_locked=True)
+                .filter(pk__in=ids[start : start + batch_size], status=DeadStatus.DEAD)
+            )
+            pairs: list[tuple[DeadTask, OutboxMessage]] = []
+            for dead in batch:
+                try:
+                    pairs.append((dead, _outbox_row(dead, renew_key=renew_key)))
+                except CannotRequeue as exc:
+                    logger.warning("%s", exc)
+            if not pairs:
+                continue
+            _start_afresh([dead.task_id for dead, _ in pairs])
+            rows = OutboxMessage.objects.using(conf.DATABASE).bulk_create([row for _, row in pairs])
+            now = timezone.now()
+            for (dead, _), row in zip(pairs, rows, strict=True):
+                dead.status, dead.status_changed_at, dead.status_changed_by = (
+                    DeadStatus.REQUEUED,
+                    now,
+                    user,
+                )
+                dead.requeued_outbox_id, dead.requeued_task_id = row.pk, row.task_id
+            DeadTask.objects.using(conf.DATABASE).bulk_update(
+                [dead for dead, _ in pairs],
+                [
+                    "status",
+                    "status_changed_at",
+                    "status_changed_by",
+                    "requeued_outbox_id",
+                    "requeued_task_id",
+                ],
+            )
+        for (dead, _), row in zip(pairs, rows, strict=True):
+            _requeue_done(dead, row, user)
+        done += len(pairs)
+    return done
 
 
 def discard_many(dead_tasks: QuerySet[DeadTask], *, user: str = "", batch_size: int = 500) -> int:
     """Discard every dead task of a query (status "dead" only), in batches; return how many."""
-
-    def act(dead: DeadTask) -> bool:
-        discard(dead, user=user)
-        return True
-
-    return _in_batches(dead_tasks, batch_size, act)
-
-
-def _in_batches(
-    dead_tasks: QuerySet[DeadTask], batch_size: int, act: Callable[[DeadTask], bool]
-) -> int:
     ids = list(dead_tasks.filter(status=DeadStatus.DEAD).values_list("pk", flat=True))
     done = 0
     for start in range(0, len(ids), batch_size):
-        chunk: Iterable[DeadTask] = DeadTask.objects.using(conf.DATABASE).filter(
-            pk__in=ids[start : start + batch_size], status=DeadStatus.DEAD
+        done += (
+            DeadTask.objects.using(conf.DATABASE)
+            .filter(pk__in=ids[start : start + batch_size], status=DeadStatus.DEAD)
+            .update(
+                status=DeadStatus.DISCARDED,
+                status_changed_at=timezone.now(),
+                status_changed_by=user,
+            )
         )
-        with transaction.atomic(using=conf.DATABASE):
-            for dead in chunk:
-                done += act(dead)
     return done
 
 
