@@ -1,4 +1,4 @@
-"""``python manage.py reliable_tasks <subcommand>``: relay, status, prune, requeue."""
+"""``python manage.py reliable_tasks <subcommand>``: relay, status, prune, requeue, dead-letters."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from django.utils.dateparse import parse_datetime
 from reliable_tasks import dead, ledger, outbox
 from reliable_tasks.conf import conf
 
-SUBCOMMANDS = "relay, status, prune or requeue"
+SUBCOMMANDS = "relay, status, prune, requeue or dead-letters"
 
 
 class Command(BaseCommand):
@@ -27,7 +27,9 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
-        sub = parser.add_subparsers(dest="subcommand", metavar="{relay,status,prune,requeue}")
+        sub = parser.add_subparsers(
+            dest="subcommand", metavar="{relay,status,prune,requeue,dead-letters}"
+        )
         relay = sub.add_parser(
             "relay", help="Publish committed outbox rows to the broker until stopped."
         )
@@ -75,12 +77,25 @@ class Command(BaseCommand):
             "--dry-run", action="store_true", help="Say how many would be requeued; change nothing."
         )
 
+        letters = sub.add_parser(
+            "dead-letters",
+            help="Store what a quorum queue dead-lettered as dead tasks (see reliable_tasks.topology).",
+        )
+        letters.add_argument(
+            "--queue", required=True, help="The task queue whose dead letters to move."
+        )
+        letters.add_argument("--follow", action="store_true", help="Keep moving them until Ctrl-C.")
+        letters.add_argument(
+            "--interval", type=float, default=5.0, help="With --follow: seconds between passes."
+        )
+
     def handle(self, *args: Any, subcommand: str | None = None, **options: Any) -> None:
         actions: dict[str, Callable[[dict[str, Any]], None]] = {
             "relay": self._relay,
             "status": self._status,
             "prune": self._prune,
             "requeue": self._requeue,
+            "dead-letters": self._dead_letters,
         }
         if subcommand not in actions:
             raise CommandError(f"name a subcommand: {SUBCOMMANDS} (see --help)")
@@ -190,6 +205,25 @@ class Command(BaseCommand):
             else ""
         )
         self.stdout.write(f"requeued {done} dead tasks through the outbox{note}")
+
+    # -- dead letters ------------------------------------------------------------------------
+
+    def _dead_letters(self, options: dict[str, Any]) -> None:
+        from reliable_tasks import topology
+        from reliable_tasks.relay import get_celery_app
+
+        with get_celery_app().connection_for_write() as connection:
+            if options["follow"]:
+                try:
+                    topology.follow_dead_letters(
+                        connection, options["queue"], interval=options["interval"]
+                    )
+                except KeyboardInterrupt:
+                    return
+            moved = topology.move_dead_letters(connection, options["queue"])
+        self.stdout.write(
+            f"moved {moved} dead-lettered messages of {options['queue']} into dead tasks"
+        )
 
 
 def _parse_since(value: str) -> datetime:

@@ -1,0 +1,124 @@
+"""RabbitMQ topology helper: quorum queues that dead-letter poison messages into DeadTask.
+
+A quorum queue counts deliveries itself. With ``x-delivery-limit`` it stops redelivering a
+message that keeps coming back (a worker that dies on it every time) and hands it to its
+dead-letter exchange; ``move_dead_letters`` then stores each such message as a dead task
+(reason ``dead_lettered``) with its raw body, so it can be inspected and requeued::
+
+    from reliable_tasks.topology import quorum_queue
+
+    orders, orders_dead = quorum_queue("orders", delivery_limit=5)
+    app.conf.task_queues = [orders]
+
+and run ``python manage.py reliable_tasks dead-letters --queue orders`` (or ``--follow``).
+This sits beside the worker's own crash-loop detection (``RELIABLE_TASKS_MAX_DELIVERIES``),
+which needs no special queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from kombu import Connection, Exchange, Queue
+
+from .conf import conf
+
+logger = logging.getLogger("reliable_tasks.topology")
+
+DEAD_LETTER_SUFFIX = ".dead-letter"
+
+
+def quorum_queue(name: str, *, delivery_limit: int | None = None) -> tuple[Queue, Queue]:
+    """A durable quorum queue with a delivery limit, and the queue its poison messages go to.
+
+    Args:
+        name: The task queue's name; the dead-letter queue and exchange are ``name.dead-letter``.
+        delivery_limit: Redeliveries before RabbitMQ dead-letters a message; by default
+            ``RELIABLE_TASKS_MAX_DELIVERIES``.
+    """
+    limit = conf.MAX_DELIVERIES if delivery_limit is None else delivery_limit
+    if limit < 1:
+        raise ValueError(f"delivery_limit must be at least 1, got {limit}")
+    dead_exchange = Exchange(name + DEAD_LETTER_SUFFIX, type="direct", durable=True)
+    dead_queue = Queue(
+        name + DEAD_LETTER_SUFFIX,
+        exchange=dead_exchange,
+        routing_key=name,
+        durable=True,
+        queue_arguments={"x-queue-type": "quorum"},
+    )
+    queue = Queue(
+        name,
+        exchange=Exchange(name, type="direct", durable=True),
+        routing_key=name,
+        durable=True,
+        queue_arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": limit,
+            "x-dead-letter-exchange": dead_exchange.name,
+            "x-dead-letter-routing-key": name,
+        },
+    )
+    return queue, dead_queue
+
+
+def move_dead_letters(connection: Connection, queue: str, *, limit: int | None = None) -> int:
+    """Store the messages waiting in ``queue``'s dead-letter queue as dead tasks; return how many.
+
+    Each message is acknowledged only after its dead task committed.
+    """
+    from . import dead
+    from .models import DeadReason
+
+    _, dead_queue = quorum_queue(queue)
+    channel: Any = connection.channel()
+    try:
+        dead_queue(channel).declare()
+        moved = 0
+        while limit is None or moved < limit:
+            message = channel.basic_get(dead_queue.name, no_ack=False)
+            if message is None:
+                break
+            headers = dict(message.properties.get("application_headers") or {})
+            dead.capture_raw(
+                dead.RawMessage(
+                    headers=headers,
+                    properties={
+                        k: v for k, v in message.properties.items() if k != "application_headers"
+                    },
+                    body=message.body,
+                    content_type=message.properties.get("content_type") or "",
+                    content_encoding=message.properties.get("content_encoding") or "",
+                    routing_key=queue,
+                ),
+                reason=DeadReason.DEAD_LETTERED,
+                error=_why(headers),
+                queue=queue,
+            )
+            channel.basic_ack(message.delivery_tag)
+            moved += 1
+        return moved
+    finally:
+        channel.close()
+
+
+def follow_dead_letters(connection: Connection, queue: str, *, interval: float = 5.0) -> None:
+    """Move dead letters every ``interval`` seconds until interrupted."""
+    while True:
+        moved = move_dead_letters(connection, queue)
+        if moved:
+            logger.info("moved %d dead-lettered messages of %s into dead tasks", moved, queue)
+        time.sleep(interval)
+
+
+def _why(headers: dict[str, Any]) -> str:
+    deaths = headers.get("x-death") or []
+    if deaths:
+        first = deaths[0]
+        return (
+            f"RabbitMQ dead-lettered it from queue {first.get('queue')!r}: {first.get('reason')} "
+            f"(count {first.get('count')}); a quorum queue does that past its delivery limit"
+        )
+    return "RabbitMQ dead-lettered it"

@@ -1,0 +1,87 @@
+"""Quorum queues with a delivery limit dead-letter poison messages; they become dead tasks."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from django.core.management import call_command
+from kombu import Connection, Producer
+
+from reliable_tasks import dead, testing
+from reliable_tasks.models import DeadTask
+from reliable_tasks.topology import quorum_queue
+from tests.support import BROKER_URL, Broker, wait_for
+from tests.testapp.models import Effect
+from tests.testapp.tasks import record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def quorum(broker: Broker) -> Iterator[str]:
+    name = f"rt-tests-quorum-{uuid.uuid4().hex[:8]}"
+    queue, dead_queue = quorum_queue(name, delivery_limit=1)
+    queue(broker.channel).declare()
+    dead_queue(broker.channel).declare()
+    try:
+        yield name
+    finally:
+        broker.channel.queue_delete(name)
+        broker.channel.queue_delete(dead_queue.name)
+
+
+def test_a_message_redelivered_past_the_limit_becomes_a_dead_task_that_can_be_requeued(
+    broker: Broker, quorum: str
+) -> None:
+    task_id = str(uuid.uuid4())
+    Producer(broker.channel).publish(
+        json.dumps([["from-quorum"], {}, {}]), routing_key=quorum, exchange=quorum,
+        headers={"id": task_id, "task": record.name, "lang": "py", "retries": 0},
+        content_type="application/json", content_encoding="utf-8", delivery_mode=2,
+    )  # fmt: skip
+    # A worker that dies on the message, as RabbitMQ sees it: delivered, then returned, again.
+    for _ in range(2):
+        message = wait_for(
+            lambda: broker.channel.basic_get(quorum, no_ack=False), timeout=10, what="a delivery"
+        )
+        broker.channel.basic_reject(message.delivery_tag, requeue=True)
+    assert broker.channel.basic_get(quorum, no_ack=True) is None
+    out = io.StringIO()
+    wait_for(
+        lambda: (
+            call_command("reliable_tasks", "dead-letters", "--queue", quorum, stdout=out)
+            or DeadTask.objects.exists()
+        ),
+        timeout=15,
+        what="the dead letter to arrive",
+    )
+    task = DeadTask.objects.get()
+    assert (task.reason, task.task_id, task.task_name, task.args) == (
+        "dead_lettered",
+        task_id,
+        record.name,
+        ["from-quorum"],
+    )
+    assert "delivery_limit" in task.exc_message or "delivery limit" in task.exc_message
+    assert "moved 1 dead-lettered messages" in out.getvalue()
+    # Requeued through the outbox, it runs once.
+    row = dead.requeue(task)
+    assert row.queue == quorum
+    testing.run_enqueued()
+    assert list(Effect.objects.values_list("key", flat=True)) == ["from-quorum"]
+
+
+def test_moving_with_nothing_dead_lettered_moves_nothing(quorum: str) -> None:
+    from reliable_tasks.topology import move_dead_letters
+
+    with Connection(BROKER_URL) as connection:
+        assert move_dead_letters(connection, quorum) == 0
+
+
+def test_a_quorum_queue_needs_a_positive_delivery_limit() -> None:
+    with pytest.raises(ValueError, match="delivery_limit must be at least 1"):
+        quorum_queue("q", delivery_limit=0)
