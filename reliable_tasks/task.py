@@ -360,7 +360,7 @@ def _failed(
     then does the worker acknowledge the message in hand.
     """
     from . import dead
-    from .models import DeadReason, TaskAttempt
+    from .models import DeadReason, IdempotencyKey, LedgerState, TaskAttempt
 
     request = task.request
     if task.app.conf.task_always_eager:
@@ -384,7 +384,8 @@ def _failed(
             requested_delay=exc.delay if isinstance(exc, RetryRequest) else None,
             requested=isinstance(exc, RetryRequest),
         )
-    retry_args, retry_kwargs = getattr(request, "reliable_retry_call", None) or (args, kwargs)
+    new_call = getattr(request, "reliable_retry_call", None)
+    retry_args, retry_kwargs = new_call or (args, kwargs)
     try:
         with transaction.atomic(using=conf.DATABASE):
             TaskAttempt.objects.using(conf.DATABASE).create(
@@ -395,6 +396,12 @@ def _failed(
                 worker=request.hostname or socket.gethostname(), started_at=started_at,
             )  # fmt: skip
             dead.trim_attempts(str(request.id), newest=attempt)
+            if new_call is not None and decision.retry:
+                # Other arguments make another call: a lease-mode key released by this attempt
+                # must not refuse the next one as a reuse. (Atomic mode's claim rolled back.)
+                IdempotencyKey.objects.using(conf.DATABASE).filter(
+                    task_name=task.name, key=key, state=LedgerState.RUNNING
+                ).delete()
             headers = _carried_headers(request, {FIRST_ATTEMPT_HEADER: first.isoformat()})
             if decision.retry:
                 headers[PREVIOUS_DELAY_HEADER] = decision.delay
@@ -575,18 +582,17 @@ def _send_follow_ups(task: ReliableTask, result: Any) -> None:
     """
     request = cast(Any, task.request)
     callbacks, chain = request.callbacks, request.chain
-    request.callbacks = request.chain = None
     if not callbacks and not chain:
         return
-    options = {
-        "parent_id": request.id,
-        "root_id": request.root_id or request.id,
-        "priority": (request.delivery_info or {}).get("priority"),
-    }
+    options: dict[str, Any] = {"parent_id": request.id, "root_id": request.root_id or request.id}
+    if task.app.conf.task_inherit_parent_priority:
+        options["priority"] = (request.delivery_info or {}).get("priority")
     for callback in callbacks or ():
         signature(callback, app=task.app).apply_async((result,), **options)
     if chain:
         signature(chain[-1], app=task.app).apply_async((result,), chain=chain[:-1], **options)
+    # Sent: the request no longer carries them. (Had sending failed, a retry would keep them.)
+    request.callbacks = request.chain = None
 
 
 def _not_owned(task: ReliableTask, claim: Claim, fingerprint: str) -> Any:

@@ -17,9 +17,11 @@ from tests.testapp.tasks import (
     celery_style_retry,
     charge,
     declines_through_autoretry,
+    leased_retry_with_other_args,
     pay,
     record,
     retries_with_other_args,
+    returns_a_set,
     slow_query,
     with_deadline,
 )
@@ -297,3 +299,21 @@ def test_a_requeued_task_starts_its_attempt_count_afresh() -> None:
     assert not TaskAttempt.objects.filter(task_id=task.task_id).exists()
     assert len(DeadTask.objects.get(pk=task.pk).attempts) == 3
     assert testing.run_enqueued() == ["paid 61"]
+
+
+def test_a_lease_mode_retry_with_other_arguments_is_not_refused_as_a_reused_key() -> None:
+    leased_retry_with_other_args.delay("lr")
+    testing.run_enqueued()
+    assert list(Effect.objects.values_list("key", flat=True)) == ["lr:step1"]
+    assert not DeadTask.objects.exists()
+
+
+def test_follow_ups_that_cannot_be_sent_keep_the_attempt_failed_and_the_callback_for_the_retry() -> (
+    None
+):
+    outcome = returns_a_set.apply(("with-callback",), link=record.s(), task_id="set-1")
+    assert outcome.state == "RETRY"
+    assert not Effect.objects.exists()  # the task's write rolled back with its failed follow-up
+    [retry] = OutboxMessage.objects.all()
+    assert '"callbacks": [' in retry.body
+    assert "tests.testapp.tasks.record" in retry.body

@@ -295,3 +295,17 @@ def retries_with_other_args(self: ReliableTask, key: str, step: int = 0) -> str:
         raise self.retry(countdown=0, kwargs={"step": 1})
     Effect.objects.create(key=f"{key}:step{step}")
     return key
+
+
+@reliable_task(bind=True, atomic=False, lease=6)
+def leased_retry_with_other_args(self: ReliableTask, key: str, step: int = 0) -> str:
+    if step == 0:
+        raise self.retry(countdown=0, kwargs={"step": 1})
+    Effect.objects.create(key=f"{key}:step{step}")
+    return key
+
+
+@reliable_task
+def returns_a_set(key: str) -> object:
+    Effect.objects.create(key=key)
+    return {1, 2}  # JSON cannot carry a set: a link callback cannot take it as its argument
