@@ -31,10 +31,11 @@ typecheck: install
 test-postgres: install
 	RT_TEST_DB=postgres $(PYTEST) tests
 
-# The embedded default: SQLite (tests that need PostgreSQL's locks are deselected).
+# The embedded default: SQLite, one relay. The unit and integration suites, and the relay's
+# faults on SQLite; the other end-to-end suites exercise workers, not the database, and run above.
 test-sqlite: install
 	rm -f test-reliable-tasks.sqlite3*
-	RT_TEST_DB=sqlite $(PYTEST) tests -m "not postgres"
+	RT_TEST_DB=sqlite $(PYTEST) tests/unit tests/integration tests/e2e/test_relay_faults.py -m "not postgres"
 
 bench: install
 	$(BIN)/python benchmarks/run.py
