@@ -38,6 +38,9 @@ def main(argv: list[str]) -> int:
         profile = dataclasses.replace(profile, tasks=args.tasks)
     seed = args.seed if args.seed is not None else random.randrange(1_000_000)
     names = run.configure(seed)
+    # SIGTERM and Ctrl-C cut the run short: it stops its processes, restarts any service it
+    # stopped and drops its database before it exits.
+    run.install_signal_handlers()
     return run.main(profile, seed, names, keep=args.keep)
 
 

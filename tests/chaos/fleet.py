@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -70,18 +71,18 @@ class Fleet:
         _kill(self.relays[slot])
         self.start_relay(slot)
 
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        """Until every worker logged "ready" and every relay "started"."""
+    def wait_ready(self, stop: threading.Event, timeout: float = 90.0) -> None:
+        """Until every worker logged "ready" and every relay "started", or ``stop`` is set."""
         deadline = time.monotonic() + timeout
         pending = [*self.workers.values(), *self.relays.values()]
-        while pending:
+        while pending and not stop.is_set():
             pending = [p for p in pending if not self._ready(p)]
             dead = [p for p in pending if p.poll() is not None]
             if dead:
                 raise RuntimeError(f"a process exited at startup: {self.log_of(dead[0])[-3000:]}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{len(pending)} processes not ready after {timeout} s")
-            time.sleep(0.2)
+            stop.wait(0.2)
 
     def _ready(self, proc: subprocess.Popen[bytes]) -> bool:
         text = self.log_of(proc)

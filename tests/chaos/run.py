@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -36,9 +37,35 @@ from .fleet import (
     service_lock,
 )
 
+#: Set by SIGTERM or Ctrl-C: the run stops where it is and cleans up. The handler only sets
+#: this: an exception raised from a signal handler can interrupt ``Thread.join()``, which on
+#: Python 3.11 then reports a thread still running as ended, and the cleanup would not wait
+#: for an outage in progress.
+CUT_SHORT = threading.Event()
+
 BROKER_URL = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 REDIS_URL = "redis://127.0.0.1:6379/12"
 ENQUEUES_PER_TRANSACTION = 25
+
+
+class CutShort(Exception):
+    """The run was asked to stop (``CUT_SHORT``)."""
+
+
+def install_signal_handlers() -> None:
+    def cut_short(signum: int, frame: object) -> None:
+        if CUT_SHORT.is_set():
+            raise KeyboardInterrupt  # a second signal: stop cleaning up too
+        CUT_SHORT.set()
+
+    signal.signal(signal.SIGTERM, cut_short)
+    signal.signal(signal.SIGINT, cut_short)
+
+
+def _wait_for(*threads: threading.Thread) -> None:
+    while any(thread.is_alive() for thread in threads):
+        if CUT_SHORT.wait(0.5):
+            raise CutShort
 
 
 @dataclass(frozen=True)
@@ -163,6 +190,7 @@ class Producer(threading.Thread):
         self.calls = 0
         self.finished_at: float | None = None
         self.error: str | None = None
+        self.stop = threading.Event()  # set when the run is cut short
 
     def run(self) -> None:
         from django.db import connections, transaction
@@ -175,7 +203,8 @@ class Producer(threading.Thread):
         pace = self.seconds / max(1, len(chunks))
         try:
             for n, chunk in enumerate(chunks):
-                time.sleep(max(0.0, self.t0 + n * pace - time.monotonic()))
+                if self.stop.wait(max(0.0, self.t0 + n * pace - time.monotonic())):
+                    break
                 with transaction.atomic():
                     for item in chunk:
                         if item.task.kind != plan.ROLLED_BACK:
@@ -215,6 +244,7 @@ class Injector(threading.Thread):
         self.finished_at: float | None = None
         self._rng = random.Random(f"duplicates:{seed}")
         self._lock = threading.Lock()
+        self.stop = threading.Event()  # set when the run is cut short
 
     def say(self, text: str) -> None:
         print(f"  t+{time.monotonic() - self.t0:6.1f} s  {text}", flush=True)
@@ -225,7 +255,8 @@ class Injector(threading.Thread):
         outages: list[threading.Thread] = []
         try:
             for fault in self.faults:
-                time.sleep(max(0.0, self.t0 + fault.at - time.monotonic()))
+                if self.stop.wait(max(0.0, self.t0 + fault.at - time.monotonic())):
+                    break
                 if fault.kind in (plan.RESTART_RABBITMQ, plan.STOP_REDIS):
                     thread = threading.Thread(target=self._inject, args=(fault,))
                     thread.start()
@@ -381,7 +412,8 @@ def wait_drained(queue: str, expected: Progress, timeout: float, t0: float) -> f
             and queue_counts(queue) == (0, 0)
         ):
             return time.monotonic()
-        time.sleep(1)
+        if CUT_SHORT.wait(1):
+            raise CutShort
     return None
 
 
@@ -629,25 +661,28 @@ def main(profile: plan.Profile, seed: int, names: Names, keep: bool = False) -> 
     env = {**os.environ}
     fleet = Fleet(env=env, logdir=logdir, queue=names.queue, concurrency=profile.concurrency)
     ok = False
+    producer: Producer | None = None
     injector: Injector | None = None
     try:
         for slot in range(profile.relays):
             fleet.start_relay(slot)
         for slot in range(profile.workers):
             fleet.start_worker(slot)
-        fleet.wait_ready()
+        fleet.wait_ready(stop=CUT_SHORT)
+        if CUT_SHORT.is_set():
+            raise CutShort
         print(f"processes ready after {time.monotonic() - started:.1f} s; logs in {logdir}")
         t0 = time.monotonic()
         producer = Producer(workload, profile.enqueue_seconds, t0)
         injector = Injector(faults, fleet, t0, seed)
         producer.start()
         injector.start()
-        producer.join()
+        _wait_for(producer)
         print(
             f"  t+{time.monotonic() - t0:6.1f} s  all {producer.calls} delay() calls made",
             flush=True,
         )
-        injector.join()
+        _wait_for(injector)
         print(f"  t+{time.monotonic() - t0:6.1f} s  all faults injected; draining", flush=True)
         quiet_since = max(producer.finished_at or t0, injector.finished_at or t0)
         drained_at = wait_drained(
@@ -672,9 +707,14 @@ def main(profile: plan.Profile, seed: int, names: Names, keep: bool = False) -> 
         if not ok:
             diagnose(findings.suspects, fleet)
             print(f"\nFAILED: seed {seed}; process logs kept in {logdir}")
+    except CutShort:
+        print("cut short: stopping the processes, restoring the services, dropping the database")
     finally:
-        if injector is not None and injector.is_alive():
-            injector.join()
+        # No new enqueue or fault; an outage in progress ends (its service restarts) first.
+        for thread in (producer, injector):
+            if thread is not None and thread.is_alive():
+                thread.stop.set()
+                thread.join()
         fleet.stop_all()
         restore_services()
         try:
