@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import reliable_tasks.worker
 from celery import Celery
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "demo.settings")
@@ -11,3 +12,6 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "demo.settings")
 app = Celery("demo")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+# Messages Celery would discard (unknown task, undecodable body) become dead tasks instead.
+reliable_tasks.worker.install(app)
