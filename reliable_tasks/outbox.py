@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from celery.utils.time import maybe_make_aware
 from django.utils import timezone
@@ -163,23 +163,45 @@ class CapturingProducer:
 
 
 def write(message: CapturedMessage) -> None:
-    """Insert the outbox row on the outbox's database, inside its current transaction."""
+    """Insert the outbox row on the outbox's database, inside its current transaction.
+
+    One INSERT and no model instance: this runs in every enqueueing transaction, where
+    ``Model.objects.create()`` costs more than the statement itself. Each value still goes
+    through its field's own conversion, and every other column gets its field's default, as
+    ``save()`` would give it.
+    """
+    from django.db import connections
+
     from .models import OutboxMessage
 
-    OutboxMessage.objects.using(conf.DATABASE).create(
-        task_id=message.task_id,
-        task_name=message.task_name,
-        queue=message.queue,
-        exchange=message.exchange,
-        routing_key=message.routing_key,
-        headers=message.headers,
-        properties=message.properties,
-        body=message.body,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        due_at=message.due_at,
-        retries=message.retries,
+    values = {
+        "task_id": message.task_id,
+        "task_name": message.task_name,
+        "queue": message.queue,
+        "exchange": message.exchange,
+        "routing_key": message.routing_key,
+        "headers": message.headers,
+        "properties": message.properties,
+        "body": message.body,
+        "content_type": message.content_type,
+        "content_encoding": message.content_encoding,
+        "due_at": message.due_at,
+        "retries": message.retries,
+    }
+    connection = connections[conf.DATABASE]
+    quote = connection.ops.quote_name
+    fields = [f for f in OutboxMessage._meta.concrete_fields if not f.primary_key]
+    params = [
+        f.get_db_prep_save(values[f.name] if f.name in values else f.get_default(), connection)
+        for f in fields
+    ]
+    sql = (
+        f"INSERT INTO {quote(OutboxMessage._meta.db_table)} "
+        f"({', '.join(quote(cast(str, f.column)) for f in fields)}) "
+        f"VALUES ({', '.join(['%s'] * len(fields))})"
     )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 NUL_ESCAPE = "\\u0000"

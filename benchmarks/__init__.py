@@ -1,0 +1,1 @@
+"""Benchmarks of reliable_tasks against stock Celery, run by ``make bench``."""

@@ -1,0 +1,1 @@
+"""A tiny shop: the business row each benchmarked transaction writes."""
