@@ -13,6 +13,9 @@ What is measured:
 3. Commit-to-publish latency: 200 transactions a second for 10 s, a relay process
    (``python -m django reliable_tasks relay``), and a raw AMQP consumer noting arrivals.
 4. The relay process's memory over 100,000 messages.
+
+The test suites running beside it restart RabbitMQ and PostgreSQL to inject faults; a stage
+they disturb is measured again, and the table says so.
 """
 
 from __future__ import annotations
@@ -118,8 +121,8 @@ def wait_for_services(timeout: float = 120.0, settle: float = 0.0) -> None:
             time.sleep(0.5)
 
 
-class BrokerRestarted(Exception):
-    """RabbitMQ went away during a stage: the test suites beside us stop and start it."""
+class ServiceRestarted(Exception):
+    """RabbitMQ or PostgreSQL went away during a stage: the test suites beside us restart them."""
 
 
 class Broker:
@@ -182,20 +185,24 @@ class Broker:
         self.connection.release()
 
 
-class _BrokerTrouble(logging.Handler):
-    """Notices the relay saying that it lost the broker."""
+# What the relay logs when it loses the broker or the database (and retries).
+_OUTAGES = ("broker unavailable", "database unavailable")
+
+
+class _RelayOutage(logging.Handler):
+    """Notices the relay saying that it lost the broker or the database."""
 
     seen = False
 
     def emit(self, record: logging.LogRecord) -> None:
-        if "broker unavailable" in record.getMessage():
+        if any(outage in record.getMessage() for outage in _OUTAGES):
             self.seen = True
 
 
 @contextmanager
-def relay_keeps_the_broker() -> Iterator[None]:
-    """Raise BrokerRestarted if the in-process relay lost the broker meanwhile."""
-    handler = _BrokerTrouble(logging.WARNING)
+def relay_keeps_its_services() -> Iterator[None]:
+    """Raise ServiceRestarted if the in-process relay lost the broker or database meanwhile."""
+    handler = _RelayOutage(logging.WARNING)
     relay_logger = logging.getLogger("reliable_tasks.relay")
     relay_logger.addHandler(handler)
     try:
@@ -203,12 +210,12 @@ def relay_keeps_the_broker() -> Iterator[None]:
     finally:
         relay_logger.removeHandler(handler)
     if handler.seen:
-        raise BrokerRestarted("the relay lost the broker during the measurement")
+        raise ServiceRestarted("the relay lost a service during the measurement")
 
 
 def check_relay_log(log: str) -> None:
-    if "broker unavailable" in log:
-        raise BrokerRestarted("the relay process lost the broker during the measurement")
+    if any(outage in log for outage in _OUTAGES):
+        raise ServiceRestarted("the relay process lost a service during the measurement")
 
 
 class Check(Exception):
@@ -309,7 +316,7 @@ def copy_outbox_rows(template_ids: list[int], count: int) -> None:
     relay cannot tell these rows from enqueued ones. The copy names every column of the
     model, so a column added later is copied too.
     """
-    from django.db import connection
+    from django.db import connection, transaction
 
     from reliable_tasks.models import OutboxMessage
 
@@ -327,7 +334,8 @@ def copy_outbox_rows(template_ids: list[int], count: int) -> None:
     columns = [str(f.column) for f in OutboxMessage._meta.concrete_fields if not f.primary_key]
     values = [fresh.get(column, f"t.{column}") for column in columns]
     table = OutboxMessage._meta.db_table
-    with connection.cursor() as cursor:
+    # One transaction: the relay sees the rows (and is woken) only once the statistics are in.
+    with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {table} ({', '.join(columns)}) "
             f"SELECT {', '.join(values)} "
@@ -443,7 +451,7 @@ def bench_relay(results: Results, broker: Broker, queue: str) -> None:
     check(pending_count() == RELAY_ROWS, "the outbox holds the rows to relay")
     broker.purge(queue)
 
-    with relay_keeps_the_broker(), Relay(app, name="bench-drain") as relay:
+    with relay_keeps_its_services(), Relay(app, name="bench-drain") as relay:
         started = time.perf_counter()
         sent = relay.drain(timeout=120)
         elapsed = time.perf_counter() - started
@@ -570,15 +578,21 @@ def bench_latency_and_memory(
     templates = list(OutboxMessage.objects.values_list("id", flat=True))
 
     def relay_chunks(total: int) -> float:
-        started = time.perf_counter()
+        """Relay ``total`` rows in chunks; return the seconds the relay spent on them."""
+        busy = 0.0
         for _ in range(total // RSS_CHUNK):
             copy_outbox_rows(templates, RSS_CHUNK)
+            committed = time.perf_counter()
             wait_until_relayed(timeout=120)
+            busy += time.perf_counter() - committed
             depth = broker.wait_depth(queue, RSS_CHUNK, timeout=5)
-            check(depth == RSS_CHUNK, f"the queue holds {depth} messages, not {RSS_CHUNK}")
+            if depth != RSS_CHUNK:
+                log = processes.log_of(relay)
+                check_relay_log(log)
+                raise Check(f"the queue holds {depth} messages, not {RSS_CHUNK}; relay log:\n{log}")
             # Keeps RabbitMQ from paging messages to disk, which would slow it, not the relay.
             broker.purge(queue)
-        return time.perf_counter() - started
+        return busy
 
     relay_chunks(RSS_WARMUP_MESSAGES)
     before = rss_mb(relay.pid)
@@ -707,7 +721,15 @@ def run_stage(
     name: str, measure: Callable[[], None], broker: Broker, results: Results, attempts: int = 5
 ) -> None:
     """Run one stage; again if RabbitMQ was restarted under it (its figures would be wrong)."""
-    restarted: tuple[type[BaseException], ...] = (BrokerRestarted, *broker.errors)
+    from django.db import connections
+    from django.db.utils import InterfaceError, OperationalError
+
+    restarted: tuple[type[BaseException], ...] = (
+        ServiceRestarted,
+        OperationalError,
+        InterfaceError,
+        *broker.errors,
+    )
     for attempt in range(1, attempts + 1):
         print(f"... {name}", file=sys.stderr, flush=True)
         started = time.perf_counter()
@@ -716,9 +738,12 @@ def run_stage(
         except restarted as exc:
             if attempt == attempts:
                 raise
-            print(f"    RabbitMQ went away ({exc!r}); measuring again", file=sys.stderr, flush=True)
-            results.notes[name] = f"measured {attempt + 1} times: RabbitMQ was restarted under it"
+            print(
+                f"    a service went away ({exc!r}); measuring again", file=sys.stderr, flush=True
+            )
+            results.notes[name] = f"measured {attempt + 1} times: a service was restarted under it"
             wait_for_services(settle=5.0)
+            connections.close_all()
             broker.reconnect()
             continue
         print(f"    {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
