@@ -135,6 +135,7 @@ def test_sigterm_stops_the_relay_cleanly(broker: Broker, processes: ProcessFacto
     assert beat.dispatched_total == 1
 
 
+@pytest.mark.postgres  # on SQLite a relay in every worker is what check W002 warns against
 def test_a_worker_can_host_the_relay(broker: Broker, processes: ProcessFactory) -> None:
     worker = processes.worker(env={"RT_TEST_RELAY_IN_WORKER": "1"})
     with transaction.atomic():
