@@ -56,6 +56,8 @@ if DB == "sqlite":
             "OPTIONS": {
                 "init_command": "PRAGMA journal_mode=WAL;",
                 "transaction_mode": "IMMEDIATE",
+                # Relays, workers and the test share one file: wait for its lock, not 5 s.
+                "timeout": 30,
             },
         }
     }
