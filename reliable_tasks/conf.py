@@ -40,7 +40,7 @@ SETTINGS: dict[str, Setting] = {
         "How long dispatched outbox rows are kept as an audit trail.",
     ),
     "RELAY_BATCH_SIZE": Setting(
-        500, (int,), "Rows a relay claims, publishes and confirms per batch."
+        1000, (int,), "Rows a relay claims, publishes and confirms per batch."
     ),
     "RELAY_POLL_INTERVAL": Setting(
         1.0, (int, float), "Seconds a relay sleeps when it was not woken (polling fallback)."
