@@ -90,19 +90,34 @@ def test_messages_celery_would_discard_become_dead_tasks_and_the_queue_flows(
         {"id": unknown_id, "task": "tests.testapp.tasks.no_such_task", "lang": "py"},
     )
     publish_raw(broker, json.dumps([[], {}, {}]), {"lang": "py"})  # no task header at all
+    pickled_id = str(uuid.uuid4())
+    publish_raw(
+        broker, b"\x80\x04K\x01.", {"id": pickled_id, "task": record.name, "lang": "py"},
+        content_type="application/x-python-serialize",
+    )  # fmt: skip
+    huge_id = str(uuid.uuid4())
+    publish_raw(
+        broker,
+        b"[" + b" " * (10 * 1024 * 1024) + b"[",
+        {"id": huge_id, "task": record.name, "lang": "py"},
+    )
     truncated_id = str(uuid.uuid4())
     publish_raw(broker, b'[["trunc', {"id": truncated_id, "task": record.name, "lang": "py"})
     record.delay("after-the-junk")
     processes.relay()
     processes.worker()
     wait_for(lambda: effects("after-the-junk"), timeout=60, what="the good task after the junk")
-    wait_for(lambda: DeadTask.objects.count() >= 3, timeout=30, what="the junk to be kept")
+    wait_for(lambda: DeadTask.objects.count() >= 5, timeout=60, what="the junk to be kept")
     unknown = DeadTask.objects.get(task_id=unknown_id)
     assert unknown.reason == "unregistered"
     assert unknown.task_name == "tests.testapp.tasks.no_such_task"
     assert (unknown.args, unknown.kwargs) == (["a", 1], {"k": "v"})
     assert "no task named 'tests.testapp.tasks.no_such_task' is registered" in unknown.exc_message
     assert DeadTask.objects.filter(reason="undecodable", task_name="").exists()
+    # A pickle is refused, never loaded; a 10 MB body that is no JSON is kept whole.
+    assert DeadTask.objects.get(task_id=pickled_id).reason == "undecodable"
+    huge = DeadTask.objects.get(task_id=huge_id)
+    assert (huge.reason, len(huge.body)) == ("undecodable", 10 * 1024 * 1024 + 2)
     truncated = DeadTask.objects.get(task_id=truncated_id)
     assert (truncated.reason, truncated.task_name) == ("undecodable", record.name)
     assert truncated.body == '[["trunc'
