@@ -50,6 +50,8 @@ import kombu.exceptions  # noqa: E402
 import psycopg  # noqa: E402
 from kombu import Connection, Queue  # noqa: E402
 
+from benchmarks import worker  # noqa: E402
+
 T = TypeVar("T")
 
 RELAY_ROWS = 20_000
@@ -68,6 +70,8 @@ TARGET_ENQUEUE_RATIO = 0.6
 TARGET_P50_MS = 10.0
 TARGET_P99_MS = 50.0
 TARGET_RSS_GROWTH_MB = 20.0
+TARGET_WORKER_RATIO = 0.8
+TARGET_DUPLICATE_MS = 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -654,6 +658,16 @@ def targets(f: dict[str, float]) -> list[Target]:
             f["relay_rss_growth_mb"] < TARGET_RSS_GROWTH_MB,
             f"{f['relay_rss_growth_mb']:+.1f} MB", f"{f['relay_rss_start_mb']:.1f} MB after warm-up",
         ),
+        Target(
+            f"worker reliable >= {TARGET_WORKER_RATIO:g}x plain acks_late", "worker_reliable_vs_plain",
+            f["worker_reliable_vs_plain"] >= TARGET_WORKER_RATIO, f"{f['worker_reliable_vs_plain']:.2f}x",
+            f"plain {f['worker_plain_acks_late_tasks_per_s']:,.0f} tasks/s",
+        ),
+        Target(
+            f"duplicate hit p50 <= {TARGET_DUPLICATE_MS:g} ms", "duplicate_hit_p50_ms",
+            f["duplicate_hit_p50_ms"] <= TARGET_DUPLICATE_MS, f"{f['duplicate_hit_p50_ms']:.3f} ms",
+            f"first run {f['first_execution_p50_ms']:.3f} ms",
+        ),
     ]  # fmt: skip
 
 
@@ -697,6 +711,17 @@ def print_report(f: dict[str, float], notes: dict[str, str], header: str) -> lis
         ("after warm-up", f"{f['relay_rss_start_mb']:.1f} MB", ""),
         ("at the end", f"{f['relay_rss_end_mb']:.1f} MB", ""),
         ("growth", f"{f['relay_rss_growth_mb']:+.1f} MB", ""),
+        (f"Worker: a task inserting one row, {worker.TASKS:,} queued, 1 worker (prefork 2, prefetch 4)", "", ""),
+        ("ReliableTask, atomic mode (ledger claim and done in the task's transaction)",
+         f"{f['worker_reliable_tasks_per_s']:,.0f} tasks/s", f"{f['worker_reliable_vs_plain']:.2f}x"),
+        ("baseline: stock Celery task, acks_late=True",
+         f"{f['worker_plain_acks_late_tasks_per_s']:,.0f} tasks/s", "1.00x"),
+        (f"A duplicate answered by the cache (Redis), {worker.DUPLICATE_CALLS:,} calls", "", ""),
+        ("duplicate p50", f"{f['duplicate_hit_p50_ms']:.3f} ms",
+         f"{f['duplicate_hit_p50_ms'] / f['first_execution_p50_ms']:.2f}x"),
+        ("duplicate p99", f"{f['duplicate_hit_p99_ms']:.3f} ms", ""),
+        ("baseline: a first execution through the same path, p50",
+         f"{f['first_execution_p50_ms']:.3f} ms", "1.00x"),
     ]  # fmt: skip
     print(header)
     print()
@@ -790,6 +815,18 @@ def main() -> int:
         run_stage(
             f"latency ({LATENCY_SECONDS:g} s) and relay memory ({RSS_MESSAGES:,} messages)",
             lambda: bench_latency_and_memory(results, broker, settings.QUEUE, processes),
+            broker,
+            results,
+        )
+        run_stage(
+            f"worker throughput ({worker.TASKS:,} tasks x {worker.ROUNDS} rounds, each variant)",
+            lambda: worker.bench_worker(results, processes, wait_for),
+            broker,
+            results,
+        )
+        run_stage(
+            f"duplicate hits ({worker.DUPLICATE_CALLS:,} calls)",
+            lambda: worker.bench_duplicates(results),
             broker,
             results,
         )

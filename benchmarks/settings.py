@@ -47,6 +47,14 @@ CELERY_TASK_DEFAULT_QUEUE = QUEUE
 
 RELIABLE_TASKS_CELERY_APP = "benchmarks.celery_app:app"
 
+# The ledger's fast path for finished keys, as in production: Redis through django-redis.
+CACHES = {
+    "default": {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": os.environ.get("RT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
+    }
+}
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

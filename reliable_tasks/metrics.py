@@ -156,26 +156,44 @@ def observe(name: str, seconds: float) -> None:
     """Record one observation in a shared histogram (best effort)."""
     seconds = max(0.0, seconds)
     bucket = next((b for b in BUCKETS if seconds <= b), None)
-    _incr(f"{_PREFIX}{name}:bucket:{bucket if bucket is not None else 'inf'}", 1)
-    _incr(f"{_PREFIX}{name}:count", 1)
-    # Sums are kept in microseconds: cache increments are integers.
-    _incr(f"{_PREFIX}{name}:sum_us", int(seconds * 1_000_000))
+    _incr_many(
+        {
+            f"{_PREFIX}{name}:bucket:{bucket if bucket is not None else 'inf'}": 1,
+            f"{_PREFIX}{name}:count": 1,
+            # Sums are kept in microseconds: cache increments are integers.
+            f"{_PREFIX}{name}:sum_us": int(seconds * 1_000_000),
+        }
+    )
 
 
 def _incr(key: str, amount: int) -> None:
+    _incr_many({key: amount})
+
+
+def _incr_many(amounts: dict[str, int]) -> None:
     alias = conf.CACHE_ALIAS
     if alias is None:
         return
     cache = caches[alias]
     try:
-        try:
-            cache.incr(key, amount)
-        except ValueError:
-            # incr() refuses a missing key; add() makes it, unless another process just did.
-            if not cache.add(key, amount, timeout=None):
+        client = getattr(getattr(cache, "client", None), "get_client", None)
+        if client is not None:
+            # django-redis: one round trip for all of them (it stores integers as plain
+            # numbers, so INCRBY and the cache's own get() agree).
+            pipe = client(write=True).pipeline(transaction=False)
+            for key, amount in amounts.items():
+                pipe.incrby(cache.make_key(key), amount)
+            pipe.execute()
+            return
+        for key, amount in amounts.items():
+            try:
                 cache.incr(key, amount)
+            except ValueError:
+                # incr() refuses a missing key; add() makes it, unless another process just did.
+                if not cache.add(key, amount, timeout=None):
+                    cache.incr(key, amount)
     except Exception:  # metrics must never fail a task
-        logger.debug("metric %s not recorded", key, exc_info=True)
+        logger.debug("metrics %s not recorded", ", ".join(amounts), exc_info=True)
 
 
 def _read_many(keys: list[str]) -> dict[str, int]:
