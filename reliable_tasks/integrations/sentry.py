@@ -17,6 +17,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from reliable_tasks import signals
+from reliable_tasks.dead import qualname
 
 try:
     import sentry_sdk
@@ -84,7 +85,7 @@ def _retried(
     _breadcrumb(
         f"{task.name}: attempt {attempt} failed ({type(exc).__name__}), retry in {delay:.2f} s",
         level="warning",
-        task=task.name, task_id=task_id, attempt=attempt, delay=delay, exception=_qualname(exc),
+        task=task.name, task_id=task_id, attempt=attempt, delay=delay, exception=qualname(exc),
     )  # fmt: skip
 
 
@@ -231,7 +232,7 @@ def _exception_in_hand(dead_task: DeadTask) -> BaseException | None:
     still inside the ``except`` block that caught the last attempt's exception.
     """
     exc = sys.exc_info()[1]
-    if exc is not None and dead_task.exc_type and _qualname(exc) == dead_task.exc_type:
+    if exc is not None and dead_task.exc_type and qualname(exc) == dead_task.exc_type:
         return exc
     return None
 
@@ -243,8 +244,3 @@ def _iso(value: Any) -> str:
 
 def _breadcrumb(message: str, *, level: str = "info", **data: Any) -> None:
     sentry_sdk.add_breadcrumb(category=CATEGORY, message=message, level=level, data=data)
-
-
-def _qualname(exc: BaseException) -> str:
-    cls = type(exc)
-    return f"{cls.__module__}.{cls.__qualname__}"
