@@ -129,7 +129,7 @@ class CapturingProducer:
             if isinstance(headers.get(display), str):
                 headers[display] = without_nul(headers[display])
         headers_json = _encode_mapping(name, "headers", headers)
-        if NUL_ESCAPE in headers_json:
+        if holds_nul(headers):
             raise PayloadNotSerializable(
                 f"task {name!r} cannot be enqueued: a header holds a NUL character (\\x00), which "
                 "the database cannot store. Remove it from the headers. Nothing was written to the "
@@ -204,7 +204,15 @@ def write(message: CapturedMessage) -> None:
         cursor.execute(sql, params)
 
 
-NUL_ESCAPE = "\\u0000"
+def holds_nul(value: Any) -> bool:
+    """Whether a NUL character is anywhere in a JSON-like value, keys included."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list | tuple):
+        return any(holds_nul(v) for v in value)
+    if isinstance(value, dict):
+        return any(holds_nul(k) or holds_nul(v) for k, v in value.items())
+    return False
 
 
 def without_nul(value: Any) -> Any:
