@@ -56,6 +56,9 @@ class CapturedMessage:
     content_type: str
     content_encoding: str
     due_at: datetime
+    # ``headers`` and ``properties`` as JSON text, encoded once when they were checked.
+    headers_json: str = ""
+    properties_json: str = ""
 
     @property
     def retries(self) -> int:
@@ -129,13 +132,14 @@ class CapturingProducer:
             if isinstance(headers.get(display), str):
                 headers[display] = without_nul(headers[display])
         headers_json = _encode_mapping(name, "headers", headers)
-        if holds_nul(headers):
+        # JSON writes a NUL character as \u0000; only then is the slower exact search needed.
+        if NUL_ESCAPE in headers_json and holds_nul(headers):
             raise PayloadNotSerializable(
                 f"task {name!r} cannot be enqueued: a header holds a NUL character (\\x00), which "
                 "the database cannot store. Remove it from the headers. Nothing was written to the "
                 "outbox; the transaction is still usable."
             )
-        _encode_mapping(name, "publish options", properties)
+        properties_json = _encode_mapping(name, "publish options", properties)
         size = len(data.encode()) + len(headers_json)
         limit = conf.MAX_PAYLOAD_BYTES
         if size > limit:
@@ -156,6 +160,8 @@ class CapturingProducer:
             content_type=content_type,
             content_encoding=content_encoding,
             due_at=_due_at(headers.get("eta")),
+            headers_json=headers_json,
+            properties_json=properties_json,
         )
 
     def revive(self, connection: Any) -> None:
@@ -166,14 +172,14 @@ def write(message: CapturedMessage) -> None:
     """Insert the outbox row on the outbox's database, inside its current transaction.
 
     One INSERT and no model instance: this runs in every enqueueing transaction, where
-    ``Model.objects.create()`` costs more than the statement itself. Each value still goes
-    through its field's own conversion, and every other column gets its field's default, as
-    ``save()`` would give it.
+    ``Model.objects.create()`` costs more than the statement itself. Every column the message
+    does not set gets its field's default, as ``save()`` would give it; on PostgreSQL the JSON
+    columns take the text encoded when the message was checked, cast to ``jsonb``.
     """
     from django.db import connections
 
-    from .models import OutboxMessage
-
+    connection = connections[conf.DATABASE]
+    sql, fields = _insert_statement(connection)
     values = {
         "task_id": message.task_id,
         "task_name": message.task_name,
@@ -188,20 +194,48 @@ def write(message: CapturedMessage) -> None:
         "due_at": message.due_at,
         "retries": message.retries,
     }
-    connection = connections[conf.DATABASE]
-    quote = connection.ops.quote_name
-    fields = [f for f in OutboxMessage._meta.concrete_fields if not f.primary_key]
-    params = [
-        f.get_db_prep_save(values[f.name] if f.name in values else f.get_default(), connection)
-        for f in fields
-    ]
-    sql = (
-        f"INSERT INTO {quote(OutboxMessage._meta.db_table)} "
-        f"({', '.join(quote(cast(str, f.column)) for f in fields)}) "
-        f"VALUES ({', '.join(['%s'] * len(fields))})"
-    )
+    if connection.vendor == "postgresql" and message.headers_json and message.properties_json:
+        values["headers"], values["properties"] = message.headers_json, message.properties_json
+        params: list[Any] = [
+            values[f.name] if f.name in values else f.get_db_prep_save(f.get_default(), connection)
+            for f in fields
+        ]
+    else:
+        params = [
+            f.get_db_prep_save(values[f.name] if f.name in values else f.get_default(), connection)
+            for f in fields
+        ]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
+
+
+_INSERT_STATEMENTS: dict[str, tuple[str, list[Any]]] = {}
+
+
+def _insert_statement(connection: Any) -> tuple[str, list[Any]]:
+    """The outbox's INSERT for the connection's database vendor, and its fields in order."""
+    vendor = connection.vendor
+    if vendor not in _INSERT_STATEMENTS:
+        from django.db.models import JSONField
+
+        from .models import OutboxMessage
+
+        quote = connection.ops.quote_name
+        fields = [f for f in OutboxMessage._meta.concrete_fields if not f.primary_key]
+        placeholders = [
+            "%s::jsonb" if vendor == "postgresql" and isinstance(f, JSONField) else "%s"
+            for f in fields
+        ]
+        _INSERT_STATEMENTS[vendor] = (
+            f"INSERT INTO {quote(OutboxMessage._meta.db_table)} "
+            f"({', '.join(quote(cast(str, f.column)) for f in fields)}) "
+            f"VALUES ({', '.join(placeholders)})",
+            fields,
+        )
+    return _INSERT_STATEMENTS[vendor]
+
+
+NUL_ESCAPE = "\\u0000"
 
 
 def holds_nul(value: Any) -> bool:
