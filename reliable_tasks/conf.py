@@ -1,6 +1,7 @@
-"""The one settings object: every ``RELIABLE_TASKS_*`` setting, read on access.
+"""The one settings object: every ``RELIABLE_TASKS_*`` setting, read on first access.
 
-Reading on access (not at import) keeps ``override_settings`` working in tests.
+Reading on access (not at import), and forgetting a value when ``override_settings`` changes
+it, keeps tests working.
 No other module of the package touches ``django.conf.settings``.
 """
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
 
 from .retry import RetryPolicy
 
@@ -125,9 +127,30 @@ SETTINGS: dict[str, Setting] = {
 
 
 class Settings:
-    """``RELIABLE_TASKS_<NAME>`` settings with typed defaults, read on every access."""
+    """``RELIABLE_TASKS_<NAME>`` settings with typed defaults.
+
+    A value is checked on its first read and remembered; Django's ``setting_changed`` signal
+    (sent by ``override_settings``) forgets it, so tests see their overrides.
+    """
+
+    def __init__(self) -> None:
+        self._checked: dict[str, Any] = {}
+        setting_changed.connect(self._changed, weak=False, dispatch_uid="reliable-tasks-conf")
+
+    def _changed(self, setting: str = "", **kwargs: Any) -> None:
+        if setting.startswith("RELIABLE_TASKS_"):
+            self._checked.pop(setting.removeprefix("RELIABLE_TASKS_"), None)
 
     def __getattr__(self, name: str) -> Any:
+        try:
+            return self._checked[name]
+        except KeyError:
+            pass
+        value = self._read(name)
+        self._checked[name] = value
+        return value
+
+    def _read(self, name: str) -> Any:
         try:
             spec = SETTINGS[name]
         except KeyError:

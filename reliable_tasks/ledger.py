@@ -67,30 +67,11 @@ def claim(
 ) -> Claim:
     """Claim ``key`` for one execution of ``task_name`` (call it inside a transaction for atomic mode)."""
     connection = connections[conf.DATABASE]
-    ops = connection.ops
-    table = ops.quote_name(IdempotencyKey._meta.db_table)
     now = timezone.now()
     token = uuid.uuid4().hex
     lease_until = now + timedelta(seconds=lease_seconds)
-    q = ops.quote_name
-    sql = f"""
-        INSERT INTO {table} ({q("task_name")}, {q("key")}, {q("state")}, {q("fingerprint")}, {q("token")},
-                             {q("lease_expires_at")}, {q("attempts")}, {q("task_id")}, {q("worker")},
-                             {q("created_at")}, {q("updated_at")})
-        VALUES (%s, %s, %s, %s, %s, %s, 1, %s, %s, %s, %s)
-        ON CONFLICT ({q("task_name")}, {q("key")}) DO UPDATE SET
-            {q("token")} = EXCLUDED.{q("token")},
-            {q("lease_expires_at")} = EXCLUDED.{q("lease_expires_at")},
-            {q("attempts")} = {table}.{q("attempts")} + 1,
-            {q("task_id")} = EXCLUDED.{q("task_id")},
-            {q("worker")} = EXCLUDED.{q("worker")},
-            {q("updated_at")} = EXCLUDED.{q("updated_at")}
-        WHERE {table}.{q("state")} = %s
-          AND {table}.{q("lease_expires_at")} <= %s
-          AND {table}.{q("fingerprint")} = EXCLUDED.{q("fingerprint")}
-        RETURNING {q("token")}
-    """
-    stamp = ops.adapt_datetimefield_value
+    sql = _statement(connection, "claim")
+    stamp = connection.ops.adapt_datetimefield_value
     params = [
         task_name, key, LedgerState.RUNNING, fingerprint, token, stamp(lease_until), task_id,
         worker, stamp(now), stamp(now), LedgerState.RUNNING, stamp(now),
@@ -121,21 +102,63 @@ def claim(
     )
 
 
-def complete(claim: Claim, result: Any) -> bool:
-    """Mark the claimed key done with ``result``; False if the claim was lost (lease taken over)."""
-    now = timezone.now()
-    updated = (
-        IdempotencyKey.objects.using(conf.DATABASE)
-        .filter(task_name=claim.task_name, key=claim.key, token=claim.token)
-        .update(
-            state=LedgerState.DONE,
-            result=encode_result(claim.task_name, result),
-            completed_at=now,
-            updated_at=now,
-            lease_expires_at=None,
+def complete(claim: Claim, stored_result: Any) -> bool:
+    """Mark the claimed key done with its stored result (from ``encode_result``).
+
+    Returns False if the claim was lost (its lease taken over by another execution).
+    """
+    connection = connections[conf.DATABASE]
+    now = connection.ops.adapt_datetimefield_value(timezone.now())
+    result = _RESULT_FIELD.get_db_prep_save(stored_result, connection)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _statement(connection, "complete"),
+            [LedgerState.DONE, result, now, now, claim.task_name, claim.key, claim.token],
         )
+        return bool(cursor.rowcount == 1)
+
+
+def _statement(connection: Any, name: str) -> str:
+    """The ledger's hot statements, built once per database vendor (plain SQL, no ORM)."""
+    cache_key = (connection.vendor, name)
+    if cache_key not in _STATEMENTS:
+        q = connection.ops.quote_name
+        table = q(IdempotencyKey._meta.db_table)
+        _STATEMENTS[cache_key] = _BUILDERS[name](q, table)
+    return _STATEMENTS[cache_key]
+
+
+def _claim_sql(q: Any, table: str) -> str:
+    return f"""
+        INSERT INTO {table} ({q("task_name")}, {q("key")}, {q("state")}, {q("fingerprint")}, {q("token")},
+                             {q("lease_expires_at")}, {q("attempts")}, {q("task_id")}, {q("worker")},
+                             {q("created_at")}, {q("updated_at")})
+        VALUES (%s, %s, %s, %s, %s, %s, 1, %s, %s, %s, %s)
+        ON CONFLICT ({q("task_name")}, {q("key")}) DO UPDATE SET
+            {q("token")} = EXCLUDED.{q("token")},
+            {q("lease_expires_at")} = EXCLUDED.{q("lease_expires_at")},
+            {q("attempts")} = {table}.{q("attempts")} + 1,
+            {q("task_id")} = EXCLUDED.{q("task_id")},
+            {q("worker")} = EXCLUDED.{q("worker")},
+            {q("updated_at")} = EXCLUDED.{q("updated_at")}
+        WHERE {table}.{q("state")} = %s
+          AND {table}.{q("lease_expires_at")} <= %s
+          AND {table}.{q("fingerprint")} = EXCLUDED.{q("fingerprint")}
+        RETURNING {q("token")}
+    """
+
+
+def _complete_sql(q: Any, table: str) -> str:
+    return (
+        f"UPDATE {table} SET {q('state')} = %s, {q('result')} = %s, {q('completed_at')} = %s, "
+        f"{q('updated_at')} = %s, {q('lease_expires_at')} = NULL "
+        f"WHERE {q('task_name')} = %s AND {q('key')} = %s AND {q('token')} = %s"
     )
-    return updated == 1
+
+
+_BUILDERS = {"claim": _claim_sql, "complete": _complete_sql}
+_STATEMENTS: dict[tuple[str, str], str] = {}
+_RESULT_FIELD = IdempotencyKey._meta.get_field("result")
 
 
 def renew(claim: Claim, lease_seconds: float) -> bool:

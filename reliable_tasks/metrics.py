@@ -154,16 +154,19 @@ def increment(name: str, amount: int = 1) -> None:
 
 def observe(name: str, seconds: float) -> None:
     """Record one observation in a shared histogram (best effort)."""
+    _incr_many(_observation(name, seconds))
+
+
+def _observation(name: str, seconds: float) -> dict[str, int]:
+    """The increments that record one observation of histogram ``name``."""
     seconds = max(0.0, seconds)
     bucket = next((b for b in BUCKETS if seconds <= b), None)
-    _incr_many(
-        {
-            f"{_PREFIX}{name}:bucket:{bucket if bucket is not None else 'inf'}": 1,
-            f"{_PREFIX}{name}:count": 1,
-            # Sums are kept in microseconds: cache increments are integers.
-            f"{_PREFIX}{name}:sum_us": int(seconds * 1_000_000),
-        }
-    )
+    return {
+        f"{_PREFIX}{name}:bucket:{bucket if bucket is not None else 'inf'}": 1,
+        f"{_PREFIX}{name}:count": 1,
+        # Sums are kept in microseconds: cache increments are integers.
+        f"{_PREFIX}{name}:sum_us": int(seconds * 1_000_000),
+    }
 
 
 def _incr(key: str, amount: int) -> None:
@@ -274,10 +277,18 @@ def _task_started(task: Any = None, **kwargs: Any) -> None:
     ).get(ENQUEUED_AT_HEADER)
     if enqueued and not request.retries:
         # From the commit that enqueued it to its start; retries would count their backoff.
-        observe("latency", (now - datetime.fromisoformat(enqueued)).total_seconds())
+        # Recorded with the duration when the task ends: one cache round trip per task.
+        latency = (now - datetime.fromisoformat(enqueued)).total_seconds()
+        cast(Any, request).reliable_latency = latency
 
 
 def _task_finished(task: Any = None, **kwargs: Any) -> None:
-    started = getattr(getattr(task, "request", None), "reliable_started_at", None)
-    if started is not None:
-        observe("duration", (timezone.now() - started).total_seconds())
+    request = getattr(task, "request", None)
+    started = getattr(request, "reliable_started_at", None)
+    if started is None:
+        return
+    increments = _observation("duration", (timezone.now() - started).total_seconds())
+    latency = getattr(request, "reliable_latency", None)
+    if latency is not None:
+        increments.update(_observation("latency", latency))
+    _incr_many(increments)
