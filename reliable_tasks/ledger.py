@@ -2,9 +2,9 @@
 
 A key is claimed with one upsert. It inserts the key, or takes over a lease-mode key whose
 lease expired; when someone else holds the key, or it is done, the upsert changes nothing
-and a read tells the caller what there is. In atomic mode the claim stays uncommitted until
-the task's own transaction commits with the key "done": a concurrent duplicate waits on the
-key's unique index, then finds it done. The Django cache remembers done keys so that a
+and a read tells the caller what there is. In atomic mode the claim writes the key "done" in
+the task's own transaction, which commits it with the task's writes or rolls it back with them:
+a concurrent duplicate waits on the key's unique index, then finds it done or claims it. The Django cache remembers done keys so that a
 duplicate usually costs no database round trip; the database stays the truth.
 """
 
@@ -64,38 +64,44 @@ def claim(
     task_id: str,
     worker: str,
     lease_seconds: float,
+    atomic: bool = False,
 ) -> Claim:
-    """Claim ``key`` for one execution of ``task_name`` (call it inside a transaction for atomic mode)."""
+    """Claim ``key`` for one execution of ``task_name``.
+
+    ``atomic=True`` is for a claim inside the task's own transaction: the key is written
+    "done" at once, since it commits only together with the task's writes (a rollback takes
+    it away). Only the result is then stored (``store_result``), an update of an unindexed
+    column that PostgreSQL makes without touching the indexes.
+    """
     connection = connections[conf.DATABASE]
     now = timezone.now()
     token = uuid.uuid4().hex
-    lease_until = now + timedelta(seconds=lease_seconds)
+    lease_until = None if atomic else now + timedelta(seconds=lease_seconds)
+    state = LedgerState.DONE if atomic else LedgerState.RUNNING
     sql = _statement(connection, "claim")
     stamp = connection.ops.adapt_datetimefield_value
     params = [
-        task_name, key, LedgerState.RUNNING, fingerprint, token, stamp(lease_until), task_id,
-        worker, stamp(now), stamp(now), LedgerState.RUNNING, stamp(now),
+        task_name, key, state, fingerprint, token, stamp(lease_until), task_id, worker,
+        stamp(now), stamp(now), stamp(now) if atomic else None, LedgerState.RUNNING, stamp(now),
     ]  # fmt: skip
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
     if row is not None and row[0] == token:
-        return Claim(
-            task_name, key, token, True, LedgerState.RUNNING, fingerprint, None, lease_until
-        )
+        return Claim(task_name, key, token, True, state, fingerprint, None, lease_until)
     existing = (
         IdempotencyKey.objects.using(conf.DATABASE)
         .filter(task_name=task_name, key=key)
         .values_list("state", "fingerprint", "result", "lease_expires_at")
         .get()
     )
-    state, stored_fingerprint, result, lease_expires_at = existing
+    held_state, stored_fingerprint, result, lease_expires_at = existing
     return Claim(
         task_name,
         key,
         token,
         False,
-        state,
+        held_state,
         stored_fingerprint,
         decode_result(result),
         lease_expires_at,
@@ -118,6 +124,23 @@ def complete(claim: Claim, stored_result: Any) -> bool:
         return bool(cursor.rowcount == 1)
 
 
+def store_result(claim: Claim, stored_result: Any) -> None:
+    """Store the result of an atomic-mode claim (already "done"), in the task's transaction."""
+    if stored_result is None:
+        return  # NULL is what the claim wrote
+    connection = connections[conf.DATABASE]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _statement(connection, "store_result"),
+            [
+                _RESULT_FIELD.get_db_prep_save(stored_result, connection),
+                claim.task_name,
+                claim.key,
+                claim.token,
+            ],
+        )
+
+
 def _statement(connection: Any, name: str) -> str:
     """The ledger's hot statements, built once per database vendor (plain SQL, no ORM)."""
     cache_key = (connection.vendor, name)
@@ -132,9 +155,11 @@ def _claim_sql(q: Any, table: str) -> str:
     return f"""
         INSERT INTO {table} ({q("task_name")}, {q("key")}, {q("state")}, {q("fingerprint")}, {q("token")},
                              {q("lease_expires_at")}, {q("attempts")}, {q("task_id")}, {q("worker")},
-                             {q("created_at")}, {q("updated_at")})
-        VALUES (%s, %s, %s, %s, %s, %s, 1, %s, %s, %s, %s)
+                             {q("created_at")}, {q("updated_at")}, {q("completed_at")})
+        VALUES (%s, %s, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s)
         ON CONFLICT ({q("task_name")}, {q("key")}) DO UPDATE SET
+            {q("state")} = EXCLUDED.{q("state")},
+            {q("completed_at")} = EXCLUDED.{q("completed_at")},
             {q("token")} = EXCLUDED.{q("token")},
             {q("lease_expires_at")} = EXCLUDED.{q("lease_expires_at")},
             {q("attempts")} = {table}.{q("attempts")} + 1,
@@ -156,7 +181,14 @@ def _complete_sql(q: Any, table: str) -> str:
     )
 
 
-_BUILDERS = {"claim": _claim_sql, "complete": _complete_sql}
+def _store_result_sql(q: Any, table: str) -> str:
+    return (
+        f"UPDATE {table} SET {q('result')} = %s "
+        f"WHERE {q('task_name')} = %s AND {q('key')} = %s AND {q('token')} = %s"
+    )
+
+
+_BUILDERS = {"claim": _claim_sql, "complete": _complete_sql, "store_result": _store_result_sql}
 _STATEMENTS: dict[tuple[str, str], str] = {}
 _RESULT_FIELD = IdempotencyKey._meta.get_field("result")
 

@@ -521,8 +521,9 @@ def _claim_and_run(task: ReliableTask, key: str, fingerprint: str, args: Any, kw
     lease = task._lease_seconds()
     with transaction.atomic(using=conf.DATABASE):
         claim = ledger.claim(
-            task.name, key, fingerprint, task_id=task_id, worker=worker, lease_seconds=lease
-        )
+            task.name, key, fingerprint, task_id=task_id, worker=worker, lease_seconds=lease,
+            atomic=task.atomic,
+        )  # fmt: skip
         if claim.owned and task.atomic:
             return _run_atomic(task, claim, fingerprint, args, kwargs)
     if not claim.owned:
@@ -535,7 +536,7 @@ def _run_atomic(task: ReliableTask, claim: Claim, fingerprint: str, args: Any, k
 
     result = task.run(*args, **kwargs)
     stored = ledger.encode_result(task.name, result)
-    ledger.complete(claim, stored)
+    ledger.store_result(claim, stored)  # the claim is "done" already, in this transaction
     _send_follow_ups(task, result)
     transaction.on_commit(
         lambda: ledger.done_cache.set(task.name, claim.key, fingerprint, stored),

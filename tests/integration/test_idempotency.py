@@ -6,13 +6,15 @@ import datetime as dt
 
 import pytest
 from django.core.cache import cache
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.test import override_settings
 from django.utils import timezone
 
 from reliable_tasks import IdempotencyKeyReused, InvalidIdempotencyKey, ledger
 from reliable_tasks.models import IdempotencyKey
 from tests.testapp.models import Effect, Observed
-from tests.testapp.tasks import charge, leased, record, write_then_fail
+from tests.testapp.tasks import charge, leased, record, record_quietly, write_then_fail
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -37,6 +39,29 @@ def test_a_second_execution_with_the_same_task_id_returns_the_stored_result_with
         "fixed-id",
     )
     assert list(Observed.objects.values_list("kind", "cached")) == [("duplicate", True)]
+
+
+def test_an_atomic_key_is_written_done_in_one_statement_and_then_only_its_result_is_stored() -> (
+    None
+):
+    """The claim commits only with the task's writes, so it is written "done" at once; what
+    follows updates the result alone (no indexed column), or nothing when there is none."""
+
+    def ledger_statements(task: object, key: str) -> list[str]:
+        with CaptureQueriesContext(connection) as queries:
+            task.apply((key,), task_id=key)  # type: ignore[attr-defined]
+        return [q["sql"].split()[0] for q in queries if "reliable_tasks_ledger" in q["sql"]]
+
+    assert ledger_statements(record, "with-result") == ["INSERT", "UPDATE"]
+    assert ledger_statements(record_quietly, "no-result") == ["INSERT"]
+    keys = {k.key: k for k in IdempotencyKey.objects.all()}
+    assert keys["with-result"].result == "with-result"
+    assert keys["no-result"].result is None
+    for key in keys.values():
+        assert key.state == "done"
+        assert key.completed_at is not None
+        assert key.lease_expires_at is None
+    assert Effect.objects.count() == 2
 
 
 def test_a_business_key_runs_once_across_task_ids_and_duplicates_get_the_stored_result() -> None:

@@ -24,6 +24,11 @@ def record(self: ReliableTask, key: str, payload: Any = None) -> str:
     return key
 
 
+@reliable_task
+def record_quietly(key: str) -> None:
+    Effect.objects.create(key=key)
+
+
 @shared_task(base=ReliableTask, bind=True)
 def routed(self: ReliableTask, key: str) -> str:
     Effect.objects.create(key=key, task_id=self.request.id)
