@@ -371,12 +371,14 @@ class Processes:
     env: dict[str, str]
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start(self, *argv: str, log: bool = True) -> subprocess.Popen[bytes]:
+    def start(
+        self, *argv: str, log: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         out: Any = subprocess.PIPE
         if log:
             out = tempfile.NamedTemporaryFile(prefix="rt-bench-", suffix=".log", delete=False)  # noqa: SIM115 - read after the process ends
         proc = subprocess.Popen(
-            [sys.executable, *argv], cwd=ROOT, env=self.env, stdout=out,
+            [sys.executable, *argv], cwd=ROOT, env={**self.env, **(env or {})}, stdout=out,
             stderr=subprocess.STDOUT if log else None, start_new_session=True,
         )  # fmt: skip
         proc.log_path = out.name if log else None  # type: ignore[attr-defined]
@@ -716,6 +718,10 @@ def print_report(f: dict[str, float], notes: dict[str, str], header: str) -> lis
          f"{f['worker_reliable_tasks_per_s']:,.0f} tasks/s", f"{f['worker_reliable_vs_plain']:.2f}x"),
         ("baseline: stock Celery task, acks_late=True",
          f"{f['worker_plain_acks_late_tasks_per_s']:,.0f} tasks/s", "1.00x"),
+        ("  (both again, connections kept between tasks: CELERY_DB_REUSE_MAX)", "", ""),
+        ("  (ReliableTask)", f"{f['worker_reused_reliable_tasks_per_s']:,.0f} tasks/s",
+         f"{f['worker_reused_reliable_vs_plain']:.2f}x"),
+        ("  (stock Celery task)", f"{f['worker_reused_plain_tasks_per_s']:,.0f} tasks/s", "1.00x"),
         (f"A duplicate answered by the cache (Redis), {worker.DUPLICATE_CALLS:,} calls", "", ""),
         ("duplicate p50", f"{f['duplicate_hit_p50_ms']:.3f} ms",
          f"{f['duplicate_hit_p50_ms'] / f['first_execution_p50_ms']:.2f}x"),

@@ -46,6 +46,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
 CELERY_TASK_DEFAULT_QUEUE = QUEUE
 
 RELIABLE_TASKS_CELERY_APP = "benchmarks.celery_app:app"
+# Celery's Django fixup closes the database connection around every task unless this is set;
+# the worker benchmark sets it for one extra round (run.py passes it through the environment).
+CELERY_DB_REUSE_MAX = int(os.environ.get("RT_BENCH_DB_REUSE_MAX", "0")) or None
 
 # The ledger's fast path for finished keys, as in production: Redis through django-redis.
 CACHES = {

@@ -4,7 +4,9 @@ Throughput: the same task (insert one row) queued 2,000 times, run by one worker
 the same settings (prefork, 2 processes, prefetch 4): as a ReliableTask in atomic mode (ledger
 claim and "done" in the task's transaction) and as a stock Celery task with ``acks_late``. The
 rate is counted from the rows' own timestamps, first to last, so the worker's start-up is not
-in it. Two rounds each, interleaved; the mean is reported.
+in it. Two rounds each, interleaved; the mean is reported. Celery's Django fixup closes the
+database connection around every task, so each task opens one; one more round of each keeps
+connections between tasks (``CELERY_DB_REUSE_MAX``), for comparison only.
 
 Duplicate cost: a finished key delivered again, answered by the cache (Redis) without touching
 the database: the time of the task call in the worker's execution path, p50 over 2,000 calls,
@@ -38,13 +40,15 @@ def bench_worker(results: Any, processes: Any, wait_for: Callable[..., None]) ->
         )
         return (len(stamps) - 1) / (stamps[-1] - stamps[0]).total_seconds()
 
-    def run(task: Any, enqueue: Callable[[], None], offset: int) -> float:
+    def run(task: Any, enqueue: Callable[[], None], offset: int, reuse: bool = False) -> float:
         Order.objects.filter(customer__startswith="worker-").delete()
         enqueue()
+        env = {"RT_BENCH_DB_REUSE_MAX": "100000"} if reuse else None
         worker = processes.start(
             "-m", "celery", "-A", "benchmarks.celery_app", "worker", "-I", "benchmarks.benchapp.tasks",
             "-Q", task.queue, "-c", "2", "-P", "prefork", "--prefetch-multiplier", "4", "-l", "warning",
             "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"bench-{offset}@%h",
+            env=env,
         )  # fmt: skip
         try:
             wait_for(
@@ -77,6 +81,11 @@ def bench_worker(results: Any, processes: Any, wait_for: Callable[..., None]) ->
     results.figures["worker_reliable_vs_plain"] = statistics.fmean(reliable) / statistics.fmean(
         plain
     )
+    reused_plain = run(plain_insert_order, enqueue_plain, 2 * ROUNDS, reuse=True)
+    reused_reliable = run(insert_order, enqueue_reliable, 2 * ROUNDS + 1, reuse=True)
+    results.figures["worker_reused_plain_tasks_per_s"] = reused_plain
+    results.figures["worker_reused_reliable_tasks_per_s"] = reused_reliable
+    results.figures["worker_reused_reliable_vs_plain"] = reused_reliable / reused_plain
     Order.objects.filter(customer__startswith="worker-").delete()
 
 
