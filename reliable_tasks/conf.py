@@ -87,7 +87,8 @@ SETTINGS: dict[str, Setting] = {
     "CACHE_ALIAS": Setting(
         "default",
         (str, type(None)),
-        "Django cache that remembers completed keys (a fast path, never the truth); None turns it off.",
+        "Django cache that remembers completed keys and marks executions in progress (a fast "
+        "path, never the truth); None turns it off.",
     ),
     "RETRY_POLICY": Setting(
         None,

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -277,8 +277,28 @@ def decode_result(stored: Any) -> Any:
 # The cache of done keys
 
 
+@dataclass
+class CacheWrites:
+    """What one execution writes to the cache as it ends, sent together in one round trip.
+
+    ``done`` is the key to remember as done (task name, key, fingerprint, stored result);
+    ``increments`` are metric counters to add to.
+    """
+
+    task_id: str
+    done: tuple[str, str, str, Any] | None = None
+    increments: dict[str, int] = field(default_factory=dict)
+    open: bool = True
+
+
 class DoneCache:
-    """Remembers done keys in the Django cache; every failure falls back to the database."""
+    """Remembers done keys in the Django cache; every failure falls back to the database.
+
+    It also marks each execution as started until it ends (``reliable_tasks:started:<task id>``),
+    so that a redelivered message tells whether an earlier delivery started and never finished
+    (its worker died) or was only prefetched by a worker that died. The mark is read and set in
+    the round trip that reads the done key, and cleared in the one that ends the execution.
+    """
 
     def __init__(self) -> None:
         self._down = False
@@ -286,6 +306,10 @@ class DoneCache:
     def _cache_key(self, task_name: str, key: str) -> str:
         digest = hashlib.sha256(f"{task_name}\0{key}".encode()).hexdigest()
         return f"reliable_tasks:done:{digest}"
+
+    @staticmethod
+    def _mark_key(task_id: str) -> str:
+        return f"reliable_tasks:started:{task_id}"
 
     def get(self, task_name: str, key: str) -> tuple[str, Any] | None:
         """``(fingerprint, stored result)`` of a done key, or None when not known here."""
@@ -298,10 +322,85 @@ class DoneCache:
             self._failed(exc)
             return None
         self._recovered()
-        if value is None:
-            return None
-        stored_fingerprint, stored = value
-        return stored_fingerprint, stored
+        return _done_value(value)
+
+    def start(
+        self, task_name: str, key: str, task_id: str
+    ) -> tuple[tuple[str, Any] | None, bool | None]:
+        """At an execution's start: the done key as ``get()`` gives it, and whether an earlier
+        delivery of this task id started and did not end (None when the cache cannot say).
+        Marks this execution as started."""
+        alias = conf.CACHE_ALIAS
+        if alias is None:
+            return None, None
+        cache = caches[alias]
+        done_key, mark = self._cache_key(task_name, key), self._mark_key(task_id)
+        timeout = int(conf.IDEMPOTENCY_RETENTION.total_seconds())
+        try:
+            client = redis_client(cache)
+            if client is not None:
+                pipe = client.pipeline(transaction=False)
+                pipe.get(cache.make_key(done_key))
+                pipe.getset(cache.make_key(mark), 1)
+                pipe.expire(cache.make_key(mark), timeout)
+                raw, earlier, _ = pipe.execute()
+                value = None if raw is None else cache.client.decode(raw)  # type: ignore[attr-defined]
+            else:
+                value = cache.get(done_key)
+                earlier = cache.get(mark)
+                cache.set(mark, 1, timeout)
+        except Exception as exc:  # noqa: BLE001 - a cache outage must not fail the task
+            self._failed(exc)
+            return None, None
+        self._recovered()
+        return _done_value(value), earlier is not None
+
+    def remember(
+        self,
+        writes: CacheWrites | None,
+        task_name: str,
+        key: str,
+        fingerprint: str,
+        stored_result: Any,
+    ) -> None:
+        """Remember a done key: with the execution's last writes if it is still running."""
+        if writes is not None and writes.open:
+            writes.done = (task_name, key, fingerprint, stored_result)
+        else:
+            self.set(task_name, key, fingerprint, stored_result)
+
+    def finish(self, writes: CacheWrites) -> None:
+        """End an execution: clear its started mark, remember its done key, add its metrics."""
+        writes.open = False
+        alias = conf.CACHE_ALIAS
+        if alias is None:
+            return
+        cache = caches[alias]
+        timeout = int(conf.IDEMPOTENCY_RETENTION.total_seconds())
+        done = writes.done
+        try:
+            client = redis_client(cache)
+            if client is None:
+                cache.delete(self._mark_key(writes.task_id))
+                if done is not None:
+                    self.set(*done)
+                from . import metrics
+
+                metrics.add(writes.increments)
+                return
+            pipe = client.pipeline(transaction=False)
+            pipe.delete(cache.make_key(self._mark_key(writes.task_id)))
+            if done is not None:
+                task_name, key, fingerprint, stored_result = done
+                value = cache.client.encode((fingerprint, stored_result))  # type: ignore[attr-defined]
+                pipe.set(cache.make_key(self._cache_key(task_name, key)), value, ex=timeout)
+            for name, amount in writes.increments.items():
+                pipe.incrby(cache.make_key(name), amount)
+            pipe.execute()
+        except Exception as exc:  # noqa: BLE001 - a cache outage must not fail the task
+            self._failed(exc)
+            return
+        self._recovered()
 
     def set(self, task_name: str, key: str, fingerprint: str, stored_result: Any) -> None:
         alias = conf.CACHE_ALIAS
@@ -329,6 +428,19 @@ class DoneCache:
         if self._down:
             self._down = False
             logger.info("idempotency cache %r is back", conf.CACHE_ALIAS)
+
+
+def _done_value(value: Any) -> tuple[str, Any] | None:
+    if value is None:
+        return None
+    stored_fingerprint, stored = value
+    return stored_fingerprint, stored
+
+
+def redis_client(cache: Any) -> Any:
+    """The Redis client under a django-redis cache, for pipelines; None for other caches."""
+    get_client = getattr(getattr(cache, "client", None), "get_client", None)
+    return None if get_client is None else get_client(write=True)
 
 
 done_cache = DoneCache()

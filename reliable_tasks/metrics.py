@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from django.core.cache import caches
 from django.db import connections
@@ -154,10 +154,10 @@ def increment(name: str, amount: int = 1) -> None:
 
 def observe(name: str, seconds: float) -> None:
     """Record one observation in a shared histogram (best effort)."""
-    _incr_many(_observation(name, seconds))
+    add(observation(name, seconds))
 
 
-def _observation(name: str, seconds: float) -> dict[str, int]:
+def observation(name: str, seconds: float) -> dict[str, int]:
     """The increments that record one observation of histogram ``name``."""
     seconds = max(0.0, seconds)
     bucket = next((b for b in BUCKETS if seconds <= b), None)
@@ -170,20 +170,25 @@ def _observation(name: str, seconds: float) -> dict[str, int]:
 
 
 def _incr(key: str, amount: int) -> None:
-    _incr_many({key: amount})
+    add({key: amount})
 
 
-def _incr_many(amounts: dict[str, int]) -> None:
+def add(amounts: dict[str, int]) -> None:
+    """Add to shared counters, given by their full cache key (best effort)."""
+    if not amounts:
+        return
     alias = conf.CACHE_ALIAS
     if alias is None:
         return
     cache = caches[alias]
     try:
-        client = getattr(getattr(cache, "client", None), "get_client", None)
+        from .ledger import redis_client
+
+        client = redis_client(cache)
         if client is not None:
             # django-redis: one round trip for all of them (it stores integers as plain
             # numbers, so INCRBY and the cache's own get() agree).
-            pipe = client(write=True).pipeline(transaction=False)
+            pipe = client.pipeline(transaction=False)
             for key, amount in amounts.items():
                 pipe.incrby(cache.make_key(key), amount)
             pipe.execute()
@@ -237,9 +242,11 @@ def _histogram(name: str) -> Histogram:
 
 
 def connect() -> None:
-    """Count what workers see: duplicates, deferrals, retries, dead tasks, latency, duration."""
-    from celery import signals as celery_signals
+    """Count what workers see: duplicates, deferrals, retries, dead tasks.
 
+    Latency and duration are recorded by the task itself as it ends, with its last cache writes
+    (``ledger.CacheWrites``).
+    """
     from . import signals
 
     signals.task_duplicate.connect(
@@ -250,10 +257,6 @@ def connect() -> None:
     )
     signals.task_retried.connect(_count("retries"), weak=False, dispatch_uid="rt-metrics-retried")
     signals.task_dead.connect(_count("dead_tasks"), weak=False, dispatch_uid="rt-metrics-dead")
-    celery_signals.task_prerun.connect(_task_started, weak=False, dispatch_uid="rt-metrics-prerun")
-    celery_signals.task_postrun.connect(
-        _task_finished, weak=False, dispatch_uid="rt-metrics-postrun"
-    )
 
 
 def _count(name: str) -> Any:
@@ -261,34 +264,3 @@ def _count(name: str) -> Any:
         increment(name)
 
     return handler
-
-
-def _task_started(task: Any = None, **kwargs: Any) -> None:
-    from .outbox import ENQUEUED_AT_HEADER
-    from .task import ReliableTask
-
-    if not isinstance(task, ReliableTask):
-        return
-    request = task.request
-    now = timezone.now()
-    cast(Any, request).reliable_started_at = now
-    enqueued = getattr(request, ENQUEUED_AT_HEADER, None) or (
-        getattr(request, "headers", None) or {}
-    ).get(ENQUEUED_AT_HEADER)
-    if enqueued and not request.retries:
-        # From the commit that enqueued it to its start; retries would count their backoff.
-        # Recorded with the duration when the task ends: one cache round trip per task.
-        latency = (now - datetime.fromisoformat(enqueued)).total_seconds()
-        cast(Any, request).reliable_latency = latency
-
-
-def _task_finished(task: Any = None, **kwargs: Any) -> None:
-    request = getattr(task, "request", None)
-    started = getattr(request, "reliable_started_at", None)
-    if started is None:
-        return
-    increments = _observation("duration", (timezone.now() - started).total_seconds())
-    latency = getattr(request, "reliable_latency", None)
-    if latency is not None:
-        increments.update(_observation("latency", latency))
-    _incr_many(increments)

@@ -7,6 +7,7 @@ transaction; in lease mode the key is held under a lease while the body runs.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import random
@@ -37,11 +38,11 @@ from .exceptions import (
     UnsupportedOption,
 )
 from .exceptions import Retry as RetryRequest
-from .outbox import FIRST_ATTEMPT_HEADER, KEY_HEADER, PREVIOUS_DELAY_HEADER
+from .outbox import ENQUEUED_AT_HEADER, FIRST_ATTEMPT_HEADER, KEY_HEADER, PREVIOUS_DELAY_HEADER
 from .retry import Decision, RetryPolicy
 
 if TYPE_CHECKING:
-    from .ledger import Claim
+    from .ledger import CacheWrites, Claim
 
 logger = logging.getLogger("reliable_tasks.task")
 
@@ -281,13 +282,47 @@ def _execute(task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     from . import ledger
 
     started_at = timezone.now()
+    request = cast(Any, task.request)
+    writes = request.reliable_cache_writes = ledger.CacheWrites(task_id=str(request.id))
+    try:
+        return _execute_keyed(task, args, kwargs, started_at, writes)
+    finally:
+        _record_timings(task, started_at, writes)
+        ledger.done_cache.finish(writes)
+
+
+def _record_timings(task: ReliableTask, started_at: datetime, writes: CacheWrites) -> None:
+    """Latency (enqueue to start, first attempts only) and duration, into the last writes."""
+    from . import metrics
+
+    writes.increments.update(
+        metrics.observation("duration", (timezone.now() - started_at).total_seconds())
+    )
+    enqueued = _header(task.request, ENQUEUED_AT_HEADER)
+    if enqueued and not task.request.retries:
+        # Retries would count their backoff. A header that is not a time is not counted: this
+        # runs as the task ends, and must not change its outcome.
+        with contextlib.suppress(TypeError, ValueError):
+            latency = (started_at - datetime.fromisoformat(enqueued)).total_seconds()
+            writes.increments.update(metrics.observation("latency", latency))
+
+
+def _execute_keyed(
+    task: ReliableTask,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    started_at: datetime,
+    writes: CacheWrites,
+) -> Any:
+    from . import ledger
+
     key = ""
     try:
         key = task.key_for(args, kwargs)
         fingerprint = task.fingerprint(args, kwargs)
         # Celery's request context takes any attribute; the task reads the key back from it.
         cast(Any, task.request).idempotency_key = key
-        hit = ledger.done_cache.get(task.name, key)
+        hit, interrupted = ledger.done_cache.start(task.name, key, writes.task_id)
         if hit is not None:
             stored_fingerprint, stored = hit
             return _duplicate(
@@ -298,7 +333,7 @@ def _execute(task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]) 
                 ledger.decode_result(stored),
                 cached=True,
             )
-        if _crash_loop(task, key, args, kwargs):
+        if _crash_loop(task, key, args, kwargs, interrupted):
             raise Ignore(f"dead task: delivered {conf.MAX_DELIVERIES} times without an outcome")
         return _claim_and_run(task, key, fingerprint, args, kwargs)
     except _CONTROL_FLOW:
@@ -458,14 +493,21 @@ def _replay_call(
     return signature.args, signature.kwargs, options
 
 
-def _crash_loop(task: ReliableTask, key: str, args: Any, kwargs: Any) -> bool:
+def _crash_loop(
+    task: ReliableTask, key: str, args: Any, kwargs: Any, interrupted: bool | None
+) -> bool:
     """On a redelivery, count the deliveries that ended without an outcome; dead after too many.
 
-    Only redelivered messages pay for this: a first delivery costs nothing extra.
+    ``interrupted`` says whether an earlier delivery started and did not end (the cache's mark;
+    None when the cache cannot say, and then every redelivery counts). A message redelivered
+    because the worker that died had only prefetched it does not count. Only redelivered
+    messages pay for this: a first delivery costs nothing extra.
     """
     request = task.request
     if not (request.delivery_info or {}).get("redelivered"):
         return False
+    if interrupted is False:
+        return False  # the earlier delivery never started, or it ended with an outcome
     from . import dead
     from .models import DeadReason, IdempotencyKey, LedgerState, TaskAttempt
 
@@ -538,8 +580,9 @@ def _run_atomic(task: ReliableTask, claim: Claim, fingerprint: str, args: Any, k
     stored = ledger.encode_result(task.name, result)
     ledger.store_result(claim, stored)  # the claim is "done" already, in this transaction
     _send_follow_ups(task, result)
+    writes = getattr(task.request, "reliable_cache_writes", None)
     transaction.on_commit(
-        lambda: ledger.done_cache.set(task.name, claim.key, fingerprint, stored),
+        lambda: ledger.done_cache.remember(writes, task.name, claim.key, fingerprint, stored),
         using=conf.DATABASE,
     )
     return result
@@ -566,7 +609,8 @@ def _run_leased(task: ReliableTask, claim: Claim, fingerprint: str, args: Any, k
         if completed:
             _send_follow_ups(task, result)
     if completed:
-        ledger.done_cache.set(task.name, claim.key, fingerprint, stored)
+        writes = getattr(task.request, "reliable_cache_writes", None)
+        ledger.done_cache.remember(writes, task.name, claim.key, fingerprint, stored)
     else:
         log.for_task(logger, task, claim.key).warning(
             "finished after losing the key to another execution; its result is not recorded"
@@ -604,8 +648,12 @@ def _not_owned(task: ReliableTask, claim: Claim, fingerprint: str) -> Any:
         result = _duplicate(
             task, claim.key, fingerprint, claim.fingerprint, claim.result, cached=False
         )
-        ledger.done_cache.set(
-            task.name, claim.key, claim.fingerprint, ledger.encode_result(task.name, claim.result)
+        ledger.done_cache.remember(
+            getattr(task.request, "reliable_cache_writes", None),
+            task.name,
+            claim.key,
+            claim.fingerprint,
+            ledger.encode_result(task.name, claim.result),
         )
         return result
     if claim.fingerprint != fingerprint:

@@ -14,7 +14,7 @@ from kombu import Producer
 from reliable_tasks.models import DeadTask, OutboxMessage, TaskAttempt
 from tests.e2e.test_idempotency_faults import queue_counts
 from tests.support import QUEUE, Broker, ProcessFactory, effects, rabbitmqctl, wait_for
-from tests.testapp.tasks import flaky, kill_own_worker, record
+from tests.testapp.tasks import flaky, kill_own_worker, record, two_steps
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -66,6 +66,32 @@ def test_a_task_that_kills_its_worker_every_time_becomes_dead_and_the_queue_flow
     wait_for(lambda: effects("after-the-poison"), timeout=60, what="the next task to run")
     wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")
     assert worker.poll() is None
+
+
+def test_only_a_delivery_that_started_counts_towards_a_crash_loop(
+    broker: Broker, processes: ProcessFactory, signal_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A worker killed while it runs one task and holds three prefetched ones: the running one's
+    redelivery counts a lost attempt, the prefetched ones' redeliveries count nothing."""
+    processes.relay()
+    worker = processes.worker(env=signal_env)  # one process, prefetch 4
+    holder = two_steps.delay("holder", 6.0).id
+    waiting = [record.delay(f"prefetched-{i}").id for i in range(3)]
+    wait_for(
+        lambda: (tmp_path / f"started-holder-{holder}").exists(), timeout=60, what="the holder"
+    )
+    wait_for(lambda: queue_counts() == (0, 4), timeout=30, what="the worker to prefetch the rest")
+    processes.kill(worker, signal.SIGKILL)
+    processes.worker(env=signal_env)
+    wait_for(
+        lambda: effects("holder:part2") and all(effects(f"prefetched-{i}") for i in range(3)),
+        timeout=90,
+        what="every task to run after the restart",
+    )
+    lost = TaskAttempt.objects.filter(outcome=TaskAttempt.Outcome.LOST)
+    assert list(lost.values_list("task_id", flat=True)) == [holder]
+    assert not lost.filter(task_id__in=waiting).exists()
+    assert not DeadTask.objects.exists()
 
 
 def publish_raw(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from celery.signals import task_prerun
 from django.core.cache import cache
 from django.db import connection
+from django.dispatch import receiver
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -68,6 +70,49 @@ def test_a_business_key_runs_once_across_task_ids_and_duplicates_get_the_stored_
     results = [charge.apply((7,), {"amount": 30}).get() for _ in range(3)]
     assert results == [{"order": 7, "charged": 30, "key": "charge:7"}] * 3
     assert Effect.objects.filter(key="charge:7").count() == 1
+
+
+def test_an_execution_marks_itself_started_until_it_ends_in_the_cache() -> None:
+    """The mark that crash-loop counting reads: set with the key's lookup, cleared at the end,
+    with the done key and the metrics, whatever the outcome."""
+    marks: list[object] = []
+    mark_key = ledger.done_cache._mark_key
+
+    @receiver(task_prerun)
+    def look(task_id: str, **kwargs: object) -> None:  # before the execution: no mark yet
+        marks.append(cache.get(mark_key(task_id)))
+
+    try:
+        record.apply(("marked",), task_id="marked")
+        write_then_fail.apply(("unmarked",), task_id="failed")
+    finally:
+        task_prerun.disconnect(look)
+    assert marks == [None, None]
+    assert cache.get(mark_key("marked")) is None
+    assert cache.get(mark_key("failed")) is None
+    assert ledger.done_cache.get(record.name, "marked") is not None
+    # A mark left behind (the worker died) is what a redelivery finds.
+    cache.set(mark_key("killed"), 1)
+    assert ledger.done_cache.start(record.name, "killed", "killed") == (None, True)
+    assert ledger.done_cache.start(record.name, "fresh", "fresh") == (None, False)
+
+
+@override_settings(
+    CACHES={"other": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}},
+    RELIABLE_TASKS_CACHE_ALIAS="other",
+)
+def test_a_cache_other_than_redis_serves_the_same_fast_path() -> None:
+    from django.core.cache import caches
+
+    from reliable_tasks import metrics
+
+    other = caches["other"]
+    record.apply(("local",), task_id="local")
+    assert other.get(ledger.done_cache._mark_key("local")) is None
+    assert ledger.done_cache.start(record.name, "local", "again")[0] is not None
+    assert record.apply(("local",), task_id="local").get() == "local"
+    assert list(Observed.objects.values_list("kind", "cached")) == [("duplicate", True)]
+    assert metrics.snapshot().histograms["duration"].count == 2
 
 
 def test_the_database_answers_duplicates_when_the_cache_forgot() -> None:
