@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import uuid
@@ -13,7 +14,15 @@ from kombu import Producer
 
 from reliable_tasks.models import DeadTask, OutboxMessage, TaskAttempt
 from tests.e2e.test_idempotency_faults import queue_counts
-from tests.support import QUEUE, Broker, ProcessFactory, effects, rabbitmqctl, wait_for
+from tests.support import (
+    QUEUE,
+    Broker,
+    ProcessFactory,
+    TcpProxy,
+    effects,
+    rabbitmqctl,
+    wait_for,
+)
 from tests.testapp.tasks import flaky, kill_own_worker, record, two_steps
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -91,6 +100,36 @@ def test_only_a_delivery_that_started_counts_towards_a_crash_loop(
     lost = TaskAttempt.objects.filter(outcome=TaskAttempt.Outcome.LOST)
     assert list(lost.values_list("task_id", flat=True)) == [holder]
     assert not lost.filter(task_id__in=waiting).exists()
+    assert not DeadTask.objects.exists()
+
+
+def test_a_message_put_back_while_the_database_is_down_runs_once_it_answers_and_counts_nothing(
+    broker: Broker, processes: ProcessFactory, signal_env: dict[str, str]
+) -> None:
+    """The worker reaches PostgreSQL through a proxy that the test cuts: each delivery finds the
+    database gone and puts the message back; none of them counts towards a crash loop."""
+    proxy = TcpProxy(int(os.environ.get("PGPORT", "5432")))
+    try:
+        processes.relay()  # the relay reaches the database directly
+        proxy.cut()
+        env = {**signal_env, "PGPORT": str(proxy.port), "RT_TEST_MAX_DELIVERIES": "2"}
+        worker = processes.worker(env=env)
+        task_id = record.delay("through-an-outage").id
+        wait_for(
+            lambda: processes.log_of(worker).count("database unavailable") >= 3,
+            timeout=60,
+            what="the worker to put the message back three times",
+        )
+        assert not effects("through-an-outage")
+        proxy.restore()
+        wait_for(
+            lambda: effects("through-an-outage"), timeout=60, what="the task to run afterwards"
+        )
+        wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")
+    finally:
+        proxy.close()
+    assert effects("through-an-outage") == ["through-an-outage"]
+    assert not TaskAttempt.objects.filter(task_id=task_id).exists()
     assert not DeadTask.objects.exists()
 
 
