@@ -11,6 +11,7 @@ Ids and what each finds:
 - ``reliable_tasks.E002``: ``RELIABLE_TASKS_DATABASE`` names no alias in ``DATABASES``
 - ``reliable_tasks.W002``: ``RELIABLE_TASKS_RELAY_IN_WORKER`` with the outbox on SQLite
 - ``reliable_tasks.W003``: ``RELIABLE_TASKS_CACHE_ALIAS`` names no alias in ``CACHES``
+- ``reliable_tasks.W007``: ``RELIABLE_TASKS_CACHE_ALIAS`` names a cache each process keeps to itself
 - ``reliable_tasks.E003``: ``RELIABLE_TASKS_CELERY_APP`` cannot be imported, or is no Celery app
 - ``reliable_tasks.W004``: publisher confirms off for plain Celery publishing to RabbitMQ
 - ``reliable_tasks.E004``: ``task_serializer`` is pickle
@@ -185,13 +186,15 @@ def _vendor(engine: str) -> str:
 def check_cache(
     app_configs: Sequence[AppConfig] | None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
-    """W003: the cache of completed idempotency keys exists (unless turned off)."""
+    """W003: the cache of completed idempotency keys exists (unless turned off); W007: shared."""
     try:
         alias = conf.CACHE_ALIAS
     except ImproperlyConfigured:
         return []  # E001 reports it
-    if alias is None or alias in conf.cache_aliases():
+    if alias is None:
         return []
+    if alias in conf.cache_aliases():
+        return _per_process_cache(alias)
     return [
         checks.Warning(
             f"RELIABLE_TASKS_CACHE_ALIAS is {alias!r}, but CACHES has no such alias: the cache "
@@ -200,6 +203,26 @@ def check_cache(
             hint="Set RELIABLE_TASKS_CACHE_ALIAS to one of the aliases in CACHES, or to None to "
             "turn the cache of completed keys off (the ledger in the database stays the truth).",
             id="reliable_tasks.W003",
+        )
+    ]
+
+
+def _per_process_cache(alias: str) -> list[checks.CheckMessage]:
+    """W007: the cache is shared by the workers (not one each process keeps to itself)."""
+    from .ledger import PER_PROCESS_CACHES
+
+    backend = str(conf.cache_settings(alias).get("BACKEND", ""))
+    if backend not in PER_PROCESS_CACHES:
+        return []
+    return [
+        checks.Warning(
+            f"RELIABLE_TASKS_CACHE_ALIAS is {alias!r}, a {backend.rsplit('.', 1)[-1]}, which "
+            "each process keeps to itself: workers do not share completed keys, so duplicates "
+            "are checked in the database, and crash-loop counting cannot tell a delivery that "
+            "started from one a dead worker had only prefetched (it counts both).",
+            hint="Point RELIABLE_TASKS_CACHE_ALIAS at a cache all workers share (Redis through "
+            "django-redis, Memcached, a database or file cache), or set it to None.",
+            id="reliable_tasks.W007",
         )
     ]
 

@@ -214,5 +214,9 @@ class Settings:
         """The aliases configured in ``CACHES``."""
         return sorted(django_settings.CACHES)
 
+    def cache_settings(self, alias: str) -> dict[str, Any]:
+        """The ``CACHES`` entry of ``alias``."""
+        return dict(django_settings.CACHES[alias])
+
 
 conf = Settings()

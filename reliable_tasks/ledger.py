@@ -297,7 +297,9 @@ class DoneCache:
     It also marks each execution as started until it ends (``reliable_tasks:started:<task id>``),
     so that a redelivered message tells whether an earlier delivery started and never finished
     (its worker died) or was only prefetched by a worker that died. The mark is read and set in
-    the round trip that reads the done key, and cleared in the one that ends the execution.
+    the round trip that reads the done key, and cleared in the one that ends the execution. A
+    cache each process keeps to itself (``LocMemCache``, ``DummyCache``) holds no marks: the
+    process that dies takes them along.
     """
 
     def __init__(self) -> None:
@@ -336,6 +338,9 @@ class DoneCache:
         cache = caches[alias]
         done_key, mark = self._cache_key(task_name, key), self._mark_key(task_id)
         timeout = int(conf.IDEMPOTENCY_RETENTION.total_seconds())
+        if not shared(cache):
+            # The process that died took its marks along: counting cannot tell, count them all.
+            return self.get(task_name, key), None
         try:
             client = redis_client(cache)
             if client is not None:
@@ -381,7 +386,8 @@ class DoneCache:
         try:
             client = redis_client(cache)
             if client is None:
-                cache.delete(self._mark_key(writes.task_id))
+                if shared(cache):
+                    cache.delete(self._mark_key(writes.task_id))
                 if done is not None:
                     self.set(*done)
                 from . import metrics
@@ -435,6 +441,20 @@ def _done_value(value: Any) -> tuple[str, Any] | None:
         return None
     stored_fingerprint, stored = value
     return stored_fingerprint, stored
+
+
+def shared(cache: Any) -> bool:
+    """Whether every process sees the same cache (not one of Django's per-process caches)."""
+    from django.core.cache.backends.dummy import DummyCache
+    from django.core.cache.backends.locmem import LocMemCache
+
+    return not isinstance(cache, LocMemCache | DummyCache)
+
+
+PER_PROCESS_CACHES = (
+    "django.core.cache.backends.locmem.LocMemCache",
+    "django.core.cache.backends.dummy.DummyCache",
+)
 
 
 def redis_client(cache: Any) -> Any:

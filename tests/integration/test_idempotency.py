@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 from celery.signals import task_prerun
@@ -97,22 +98,39 @@ def test_an_execution_marks_itself_started_until_it_ends_in_the_cache() -> None:
     assert ledger.done_cache.start(record.name, "fresh", "fresh") == (None, False)
 
 
-@override_settings(
-    CACHES={"other": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}},
-    RELIABLE_TASKS_CACHE_ALIAS="other",
-)
-def test_a_cache_other_than_redis_serves_the_same_fast_path() -> None:
+def test_a_shared_cache_other_than_redis_serves_the_fast_path_and_the_marks(
+    tmp_path: Path,
+) -> None:
     from django.core.cache import caches
 
     from reliable_tasks import metrics
 
-    other = caches["other"]
-    record.apply(("local",), task_id="local")
-    assert other.get(ledger.done_cache._mark_key("local")) is None
-    assert ledger.done_cache.start(record.name, "local", "again")[0] is not None
-    assert record.apply(("local",), task_id="local").get() == "local"
-    assert list(Observed.objects.values_list("kind", "cached")) == [("duplicate", True)]
-    assert metrics.snapshot().histograms["duration"].count == 2
+    files = {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache"}
+    with override_settings(
+        CACHES={"other": {**files, "LOCATION": str(tmp_path)}}, RELIABLE_TASKS_CACHE_ALIAS="other"
+    ):
+        other = caches["other"]
+        record.apply(("local",), task_id="local")
+        assert other.get(ledger.done_cache._mark_key("local")) is None
+        assert ledger.done_cache.start(record.name, "local", "again") == (
+            (record.fingerprint(("local",), {}), "local"),
+            False,
+        )
+        assert ledger.done_cache.start(record.name, "other", "again")[1] is True
+        assert record.apply(("local",), task_id="local").get() == "local"
+        assert list(Observed.objects.values_list("kind", "cached")) == [("duplicate", True)]
+        assert metrics.snapshot().histograms["duration"].count == 2
+
+
+@override_settings(
+    CACHES={"local": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}},
+    RELIABLE_TASKS_CACHE_ALIAS="local",
+)
+def test_a_cache_each_process_keeps_to_itself_holds_no_marks_so_every_redelivery_counts() -> None:
+    record.apply(("here",), task_id="here")
+    hit, interrupted = ledger.done_cache.start(record.name, "here", "here")
+    assert hit is not None  # this process still answers its own duplicates
+    assert interrupted is None  # but a mark would die with its process: crash loops count all
 
 
 def test_the_database_answers_duplicates_when_the_cache_forgot() -> None:

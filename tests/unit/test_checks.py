@@ -194,6 +194,23 @@ def test_an_idempotency_cache_missing_from_caches_is_warning_w003() -> None:
         assert messages() == []
 
 
+@pytest.mark.parametrize("backend", ["locmem.LocMemCache", "dummy.DummyCache"])
+def test_an_idempotency_cache_each_process_keeps_to_itself_is_warning_w007(backend: str) -> None:
+    caches = {
+        "default": settings.CACHES["default"],
+        "local": {"BACKEND": f"django.core.cache.backends.{backend}"},
+    }
+    with override_settings(CACHES=caches, RELIABLE_TASKS_CACHE_ALIAS="local"):
+        warning = only("reliable_tasks.W007")
+    assert f"'local', a {backend.split('.')[1]}, which each process keeps to itself" in warning.msg
+    assert "crash-loop counting" in warning.msg
+    assert "Redis" in (warning.hint or "")
+    with override_settings(CACHES=caches, RELIABLE_TASKS_CACHE_ALIAS="default"):
+        assert messages() == []
+    with override_settings(CACHES=caches, RELIABLE_TASKS_CACHE_ALIAS=None):
+        assert messages() == []
+
+
 # -- E003: the Celery app ----------------------------------------------------------------------
 
 
