@@ -289,6 +289,7 @@ class CacheWrites:
     done: tuple[str, str, str, Any] | None = None
     increments: dict[str, int] = field(default_factory=dict)
     open: bool = True
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 class DoneCache:
@@ -327,38 +328,42 @@ class DoneCache:
         return _done_value(value)
 
     def start(
-        self, task_name: str, key: str, task_id: str
+        self, task_name: str, key: str, writes: CacheWrites
     ) -> tuple[tuple[str, Any] | None, bool | None]:
         """At an execution's start: the done key as ``get()`` gives it, and whether an earlier
         delivery of this task id started and did not end (None when the cache cannot say).
         Marks this execution as started."""
-        alias = conf.CACHE_ALIAS
-        if alias is None:
-            return None, None
-        cache = caches[alias]
-        done_key, mark = self._cache_key(task_name, key), self._mark_key(task_id)
-        timeout = int(conf.IDEMPOTENCY_RETENTION.total_seconds())
-        if not shared(cache):
-            # The process that died took its marks along: counting cannot tell, count them all.
-            return self.get(task_name, key), None
         try:
+            alias = conf.CACHE_ALIAS
+            if alias is None:
+                return None, None
+            cache = caches[alias]
+            if not shared(cache):
+                # The process that died took its marks along: counting cannot tell.
+                return self.get(task_name, key), None
+            done_key, mark = self._cache_key(task_name, key), self._mark_key(writes.task_id)
+            timeout = int(conf.IDEMPOTENCY_RETENTION.total_seconds())
             client = redis_client(cache)
             if client is not None:
+                # A set of the executions in progress: one that ends removes only itself, and
+                # Redis drops the set when it is empty.
                 pipe = client.pipeline(transaction=False)
                 pipe.get(cache.make_key(done_key))
-                pipe.getset(cache.make_key(mark), 1)
+                pipe.scard(cache.make_key(mark))
+                pipe.sadd(cache.make_key(mark), writes.token)
                 pipe.expire(cache.make_key(mark), timeout)
-                raw, earlier, _ = pipe.execute()
+                raw, running, _, _ = pipe.execute()
                 value = None if raw is None else cache.client.decode(raw)  # type: ignore[attr-defined]
+                interrupted = running > 0
             else:
                 value = cache.get(done_key)
-                earlier = cache.get(mark)
-                cache.set(mark, 1, timeout)
+                interrupted = cache.get(mark) is not None
+                cache.set(mark, writes.token, timeout)
         except Exception as exc:  # noqa: BLE001 - a cache outage must not fail the task
             self._failed(exc)
             return None, None
         self._recovered()
-        return _done_value(value), earlier is not None
+        return _done_value(value), interrupted
 
     def remember(
         self,
@@ -377,17 +382,18 @@ class DoneCache:
     def finish(self, writes: CacheWrites) -> None:
         """End an execution: clear its started mark, remember its done key, add its metrics."""
         writes.open = False
-        alias = conf.CACHE_ALIAS
-        if alias is None:
-            return
-        cache = caches[alias]
-        timeout = int(conf.IDEMPOTENCY_RETENTION.total_seconds())
-        done = writes.done
         try:
+            alias = conf.CACHE_ALIAS
+            if alias is None:
+                return
+            cache = caches[alias]
+            timeout = int(conf.IDEMPOTENCY_RETENTION.total_seconds())
+            done = writes.done
             client = redis_client(cache)
             if client is None:
-                if shared(cache):
-                    cache.delete(self._mark_key(writes.task_id))
+                mark = self._mark_key(writes.task_id)
+                if shared(cache) and cache.get(mark) == writes.token:
+                    cache.delete(mark)
                 if done is not None:
                     self.set(*done)
                 from . import metrics
@@ -395,7 +401,7 @@ class DoneCache:
                 metrics.add(writes.increments)
                 return
             pipe = client.pipeline(transaction=False)
-            pipe.delete(cache.make_key(self._mark_key(writes.task_id)))
+            pipe.srem(cache.make_key(self._mark_key(writes.task_id)), writes.token)
             if done is not None:
                 task_name, key, fingerprint, stored_result = done
                 value = cache.client.encode((fingerprint, stored_result))  # type: ignore[attr-defined]
@@ -458,9 +464,15 @@ PER_PROCESS_CACHES = (
 
 
 def redis_client(cache: Any) -> Any:
-    """The Redis client under a django-redis cache, for pipelines; None for other caches."""
+    """The Redis client under a django-redis cache, for pipelines; None for other caches (and
+    for django-redis's sharded client, which has no single client to give)."""
     get_client = getattr(getattr(cache, "client", None), "get_client", None)
-    return None if get_client is None else get_client(write=True)
+    if get_client is None:
+        return None
+    try:
+        return get_client(write=True)
+    except NotImplementedError:
+        return None
 
 
 done_cache = DoneCache()

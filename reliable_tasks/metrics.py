@@ -180,8 +180,8 @@ def add(amounts: dict[str, int]) -> None:
     alias = conf.CACHE_ALIAS
     if alias is None:
         return
-    cache = caches[alias]
     try:
+        cache = caches[alias]
         from .ledger import redis_client
 
         client = redis_client(cache)

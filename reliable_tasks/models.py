@@ -142,6 +142,7 @@ class TaskAttempt(models.Model):
     class Outcome(models.TextChoices):
         FAILED = "failed", "failed"
         LOST = "lost", "lost (the delivery ended without an outcome)"
+        REDELIVERED = "redelivered", "redelivered (no sign that the earlier delivery ran)"
 
     id = models.BigAutoField(primary_key=True)
     task_id = models.CharField(max_length=255, db_index=True)

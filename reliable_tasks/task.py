@@ -26,6 +26,7 @@ from celery.result import AsyncResult
 from celery.utils.time import maybe_make_aware
 from django.core.exceptions import ImproperlyConfigured
 from django.db import InterfaceError, OperationalError, connections, transaction
+from django.db.models import Count
 from django.utils import timezone
 
 from . import log, outbox, signals
@@ -53,6 +54,9 @@ _CONTROL_FLOW = (Ignore, Reject, CeleryRetry)
 # module is imported by the package itself, before Django's app registry is ready.
 
 MAX_KEY_LENGTH = 255
+# Redeliveries without the cache's mark of a started execution count towards a crash loop too,
+# against this many times RELIABLE_TASKS_MAX_DELIVERIES: a backstop that does not trust the cache.
+UNMARKED_REDELIVERIES_FACTOR = 3
 # A delivery that finds the database down is put back after this pause, not spun on.
 DATABASE_DOWN_PAUSE = 1.0
 
@@ -287,8 +291,12 @@ def _execute(task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     try:
         return _execute_keyed(task, args, kwargs, started_at, writes)
     finally:
-        _record_timings(task, started_at, writes)
-        ledger.done_cache.finish(writes)
+        # Best effort, and never in the way of the task's own outcome.
+        try:
+            _record_timings(task, started_at, writes)
+            ledger.done_cache.finish(writes)
+        except Exception:  # noqa: BLE001 - a metric or cache failure must not replace the outcome
+            log.for_task(logger, task).warning("cache writes at the end failed", exc_info=True)
 
 
 def _record_timings(task: ReliableTask, started_at: datetime, writes: CacheWrites) -> None:
@@ -322,7 +330,7 @@ def _execute_keyed(
         fingerprint = task.fingerprint(args, kwargs)
         # Celery's request context takes any attribute; the task reads the key back from it.
         cast(Any, task.request).idempotency_key = key
-        hit, interrupted = ledger.done_cache.start(task.name, key, writes.task_id)
+        hit, interrupted = ledger.done_cache.start(task.name, key, writes)
         if hit is not None:
             stored_fingerprint, stored = hit
             return _duplicate(
@@ -499,15 +507,16 @@ def _crash_loop(
     """On a redelivery, count the deliveries that ended without an outcome; dead after too many.
 
     ``interrupted`` says whether an earlier delivery started and did not end (the cache's mark;
-    None when the cache cannot say, and then every redelivery counts). A message redelivered
-    because the worker that died had only prefetched it does not count. Only redelivered
-    messages pay for this: a first delivery costs nothing extra.
+    None when the cache cannot say). Such a redelivery is recorded as ``lost``, and
+    ``RELIABLE_TASKS_MAX_DELIVERIES`` of them make the task dead. A redelivery without a mark
+    (the worker that died had only prefetched it, or it died after the execution ended) is
+    recorded as ``redelivered``; the cache is never the truth, so these count too, against
+    ``UNMARKED_REDELIVERIES_FACTOR`` times the limit. Only redelivered messages pay for this:
+    a first delivery costs nothing extra.
     """
     request = task.request
     if not (request.delivery_info or {}).get("redelivered"):
         return False
-    if interrupted is False:
-        return False  # the earlier delivery never started, or it ended with an outcome
     from . import dead
     from .models import DeadReason, IdempotencyKey, LedgerState, TaskAttempt
 
@@ -517,17 +526,29 @@ def _crash_loop(
         .exists()
     ):
         return False  # it finished, only its acknowledgement was lost: the duplicate path answers
+    Outcome = TaskAttempt.Outcome
+    marked = interrupted is not False
     with transaction.atomic(using=conf.DATABASE):
         attempts = TaskAttempt.objects.using(conf.DATABASE)
         attempts.create(
             task_id=str(request.id), task_name=task.name, idempotency_key=key,
-            number=int(request.retries or 0) + 1, outcome=TaskAttempt.Outcome.LOST,
+            number=int(request.retries or 0) + 1,
+            outcome=Outcome.LOST if marked else Outcome.REDELIVERED,
             message="an earlier delivery of this message ended without an outcome "
-            "(worker killed, out of memory, or its connection lost)",
+            "(worker killed, out of memory, or its connection lost)" if marked else
+            "delivered again, with no sign that an earlier delivery ran (a worker that died "
+            "had only prefetched it, or died after the execution ended)",
             worker=request.hostname or socket.gethostname(),
         )  # fmt: skip
-        lost = attempts.filter(task_id=str(request.id), outcome=TaskAttempt.Outcome.LOST).count()
-        if lost < conf.MAX_DELIVERIES:
+        counts = dict(
+            attempts.filter(task_id=str(request.id), outcome__in=[Outcome.LOST, Outcome.REDELIVERED])
+            .values_list("outcome")
+            .annotate(n=Count("id"))
+        )  # fmt: skip
+        lost = counts.get(Outcome.LOST, 0)
+        unmarked = counts.get(Outcome.REDELIVERED, 0)
+        limit = conf.MAX_DELIVERIES
+        if lost < limit and lost + unmarked < limit * UNMARKED_REDELIVERIES_FACTOR:
             return False
         headers = _carried_headers(request, {})
         replay_args, replay_kwargs, options = _replay_call(task, request, args, kwargs, headers)

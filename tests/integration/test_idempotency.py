@@ -6,10 +6,8 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
-from celery.signals import task_prerun
 from django.core.cache import cache
 from django.db import connection
-from django.dispatch import receiver
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -17,7 +15,14 @@ from django.utils import timezone
 from reliable_tasks import IdempotencyKeyReused, InvalidIdempotencyKey, ledger
 from reliable_tasks.models import IdempotencyKey
 from tests.testapp.models import Effect, Observed
-from tests.testapp.tasks import charge, leased, record, record_quietly, write_then_fail
+from tests.testapp.tasks import (
+    charge,
+    leased,
+    record,
+    record_quietly,
+    sees_its_own_mark,
+    write_then_fail,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -73,29 +78,42 @@ def test_a_business_key_runs_once_across_task_ids_and_duplicates_get_the_stored_
     assert Effect.objects.filter(key="charge:7").count() == 1
 
 
-def test_an_execution_marks_itself_started_until_it_ends_in_the_cache() -> None:
-    """The mark that crash-loop counting reads: set with the key's lookup, cleared at the end,
-    with the done key and the metrics, whatever the outcome."""
-    marks: list[object] = []
-    mark_key = ledger.done_cache._mark_key
+def test_an_execution_is_marked_started_in_the_cache_while_it_runs_and_only_then() -> None:
+    """The mark crash-loop counting reads: there while the task runs, gone once it ended,
+    whatever the outcome."""
+    assert sees_its_own_mark.apply(task_id="peek").get() is True
+    write_then_fail.apply(("unmarked",), task_id="failed")
+    for task_id in ("peek", "failed"):
+        after = ledger.CacheWrites(task_id=task_id)
+        assert ledger.done_cache.start(record.name, "any", after)[1] is False
+        ledger.done_cache.finish(after)
 
-    @receiver(task_prerun)
-    def look(task_id: str, **kwargs: object) -> None:  # before the execution: no mark yet
-        marks.append(cache.get(mark_key(task_id)))
 
-    try:
-        record.apply(("marked",), task_id="marked")
-        write_then_fail.apply(("unmarked",), task_id="failed")
-    finally:
-        task_prerun.disconnect(look)
-    assert marks == [None, None]
-    assert cache.get(mark_key("marked")) is None
-    assert cache.get(mark_key("failed")) is None
-    assert ledger.done_cache.get(record.name, "marked") is not None
-    # A mark left behind (the worker died) is what a redelivery finds.
-    cache.set(mark_key("killed"), 1)
-    assert ledger.done_cache.start(record.name, "killed", "killed") == (None, True)
-    assert ledger.done_cache.start(record.name, "fresh", "fresh") == (None, False)
+def test_marks_count_executions_so_one_ending_leaves_the_other_marked() -> None:
+    """Two deliveries of one task id at once: the first to end removes only its own mark."""
+
+    def started(task_id: str) -> ledger.CacheWrites:
+        return ledger.CacheWrites(task_id=task_id)
+
+    first, second = started("twice"), started("twice")
+    assert ledger.done_cache.start(record.name, "k", first)[1] is False
+    assert ledger.done_cache.start(record.name, "k", second)[1] is True
+    ledger.done_cache.finish(first)
+    probe = started("twice")
+    assert ledger.done_cache.start(record.name, "k", probe)[1] is True  # second still runs
+    ledger.done_cache.finish(probe)
+    ledger.done_cache.finish(second)
+    probe = started("twice")
+    assert ledger.done_cache.start(record.name, "k", probe)[1] is False
+    ledger.done_cache.finish(probe)
+
+
+@override_settings(RELIABLE_TASKS_CACHE_ALIAS="missing")
+def test_a_cache_alias_missing_from_caches_leaves_tasks_running_once_on_the_database() -> None:
+    assert record.apply(("no-cache",), task_id="no-cache").get() == "no-cache"
+    assert record.apply(("no-cache",), task_id="no-cache").get() == "no-cache"
+    assert Effect.objects.filter(key="no-cache").count() == 1
+    assert list(Observed.objects.values_list("kind", "cached")) == [("duplicate", False)]
 
 
 def test_a_shared_cache_other_than_redis_serves_the_fast_path_and_the_marks(
@@ -112,11 +130,14 @@ def test_a_shared_cache_other_than_redis_serves_the_fast_path_and_the_marks(
         other = caches["other"]
         record.apply(("local",), task_id="local")
         assert other.get(ledger.done_cache._mark_key("local")) is None
-        assert ledger.done_cache.start(record.name, "local", "again") == (
+        again = ledger.CacheWrites(task_id="again")
+        assert ledger.done_cache.start(record.name, "local", again) == (
             (record.fingerprint(("local",), {}), "local"),
             False,
         )
-        assert ledger.done_cache.start(record.name, "other", "again")[1] is True
+        probe = ledger.CacheWrites(task_id="again")
+        assert ledger.done_cache.start(record.name, "other", probe)[1] is True
+        ledger.done_cache.finish(probe)
         assert record.apply(("local",), task_id="local").get() == "local"
         assert list(Observed.objects.values_list("kind", "cached")) == [("duplicate", True)]
         assert metrics.snapshot().histograms["duration"].count == 2
@@ -128,7 +149,7 @@ def test_a_shared_cache_other_than_redis_serves_the_fast_path_and_the_marks(
 )
 def test_a_cache_each_process_keeps_to_itself_holds_no_marks_so_every_redelivery_counts() -> None:
     record.apply(("here",), task_id="here")
-    hit, interrupted = ledger.done_cache.start(record.name, "here", "here")
+    hit, interrupted = ledger.done_cache.start(record.name, "here", ledger.CacheWrites("here"))
     assert hit is not None  # this process still answers its own duplicates
     assert interrupted is None  # but a mark would die with its process: crash loops count all
 

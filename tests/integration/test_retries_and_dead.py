@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from django.test import override_settings
 from django.utils import timezone
 
-from reliable_tasks import dead, testing
+from reliable_tasks import dead, ledger, testing
 from reliable_tasks.models import DeadTask, IdempotencyKey, OutboxMessage, TaskAttempt
 from tests.testapp.models import Effect
 from tests.testapp.tasks import (
@@ -24,6 +25,7 @@ from tests.testapp.tasks import (
     returns_a_set,
     slow_query,
     with_deadline,
+    write_then_fail,
 )
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -317,3 +319,32 @@ def test_follow_ups_that_cannot_be_sent_keep_the_attempt_failed_and_the_callback
     [retry] = OutboxMessage.objects.all()
     assert '"callbacks": [' in retry.body
     assert "tests.testapp.tasks.record" in retry.body
+
+
+@override_settings(RELIABLE_TASKS_MAX_DELIVERIES=1)
+def test_redeliveries_count_towards_a_crash_loop_with_a_mark_at_once_without_one_at_3x() -> None:
+    """A redelivery whose earlier delivery left its started mark counts against the limit; one
+    without a mark (the cache is never the truth) against three times the limit."""
+
+    def redeliver(task_id: str) -> None:
+        write_then_fail.push_request(
+            id=task_id, called_directly=False, args=(task_id,), kwargs={}, retries=0,
+            hostname="test", delivery_info={"redelivered": True},
+        )  # fmt: skip
+        try:
+            with contextlib.suppress(Exception):  # the retry or the dead task Celery is told of
+                write_then_fail(task_id)
+        finally:
+            write_then_fail.pop_request()
+
+    # A worker that died running it left its mark: the first redelivery reaches the limit.
+    ledger.done_cache.start(write_then_fail.name, "marked", ledger.CacheWrites(task_id="marked"))
+    redeliver("marked")
+    assert DeadTask.objects.get(task_id="marked").reason == "crash_loop"
+    # No mark: recorded each time, dead on the third.
+    for expected_dead in (False, False, True):
+        redeliver("unmarked")
+        assert DeadTask.objects.filter(task_id="unmarked").exists() is expected_dead
+    outcomes = TaskAttempt.objects.filter(task_id="unmarked").values_list("outcome", flat=True)
+    assert list(outcomes).count("redelivered") == 3
+    assert DeadTask.objects.get(task_id="unmarked").reason == "crash_loop"

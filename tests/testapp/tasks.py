@@ -29,6 +29,17 @@ def record_quietly(key: str) -> None:
     Effect.objects.create(key=key)
 
 
+@reliable_task(bind=True)
+def sees_its_own_mark(self: ReliableTask) -> bool:
+    """Whether the cache shows this execution as started while it runs."""
+    from reliable_tasks import ledger
+
+    probe = ledger.CacheWrites(task_id=str(self.request.id))
+    _, started = ledger.done_cache.start(self.name, "probe", probe)
+    ledger.done_cache.finish(probe)  # the probe's own mark goes again
+    return bool(started)
+
+
 @shared_task(base=ReliableTask, bind=True)
 def routed(self: ReliableTask, key: str) -> str:
     Effect.objects.create(key=key, task_id=self.request.id)
