@@ -290,6 +290,10 @@ class CacheWrites:
     increments: dict[str, int] = field(default_factory=dict)
     open: bool = True
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: Marks of other executions of the task id found at the start; ``stale`` ones (left by
+    #: executions that died, once counted) are removed with this execution's own.
+    seen: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
 
 
 class DoneCache:
@@ -349,12 +353,13 @@ class DoneCache:
                 # Redis drops the set when it is empty.
                 pipe = client.pipeline(transaction=False)
                 pipe.get(cache.make_key(done_key))
-                pipe.scard(cache.make_key(mark))
+                pipe.smembers(cache.make_key(mark))
                 pipe.sadd(cache.make_key(mark), writes.token)
                 pipe.expire(cache.make_key(mark), timeout)
-                raw, running, _, _ = pipe.execute()
+                raw, others, _, _ = pipe.execute()
                 value = None if raw is None else cache.client.decode(raw)  # type: ignore[attr-defined]
-                interrupted = running > 0
+                writes.seen = [m.decode() if isinstance(m, bytes) else str(m) for m in others]
+                interrupted = bool(others)
             else:
                 value = cache.get(done_key)
                 interrupted = cache.get(mark) is not None
@@ -401,7 +406,7 @@ class DoneCache:
                 metrics.add(writes.increments)
                 return
             pipe = client.pipeline(transaction=False)
-            pipe.srem(cache.make_key(self._mark_key(writes.task_id)), writes.token)
+            pipe.srem(cache.make_key(self._mark_key(writes.task_id)), writes.token, *writes.stale)
             if done is not None:
                 task_name, key, fingerprint, stored_result = done
                 value = cache.client.encode((fingerprint, stored_result))  # type: ignore[attr-defined]

@@ -294,8 +294,11 @@ def _execute(task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]) 
         # Best effort, and never in the way of the task's own outcome.
         try:
             _record_timings(task, started_at, writes)
+        except Exception:  # noqa: BLE001 - a metric failure must not replace the outcome
+            log.for_task(logger, task).warning("timings not recorded", exc_info=True)
+        try:
             ledger.done_cache.finish(writes)
-        except Exception:  # noqa: BLE001 - a metric or cache failure must not replace the outcome
+        except Exception:  # noqa: BLE001 - a cache failure must not replace the outcome
             log.for_task(logger, task).warning("cache writes at the end failed", exc_info=True)
 
 
@@ -341,7 +344,7 @@ def _execute_keyed(
                 ledger.decode_result(stored),
                 cached=True,
             )
-        if _crash_loop(task, key, args, kwargs, interrupted):
+        if _crash_loop(task, key, args, kwargs, interrupted, writes):
             raise Ignore(f"dead task: delivered {conf.MAX_DELIVERIES} times without an outcome")
         return _claim_and_run(task, key, fingerprint, args, kwargs)
     except _CONTROL_FLOW:
@@ -502,7 +505,12 @@ def _replay_call(
 
 
 def _crash_loop(
-    task: ReliableTask, key: str, args: Any, kwargs: Any, interrupted: bool | None
+    task: ReliableTask,
+    key: str,
+    args: Any,
+    kwargs: Any,
+    interrupted: bool | None,
+    writes: CacheWrites,
 ) -> bool:
     """On a redelivery, count the deliveries that ended without an outcome; dead after too many.
 
@@ -528,6 +536,10 @@ def _crash_loop(
         return False  # it finished, only its acknowledgement was lost: the duplicate path answers
     Outcome = TaskAttempt.Outcome
     marked = interrupted is not False
+    if interrupted:
+        # The marks found were left by executions that died: counted now, so they go with this
+        # execution's own, and a later redelivery is judged by its own predecessor only.
+        writes.stale = list(writes.seen)
     with transaction.atomic(using=conf.DATABASE):
         attempts = TaskAttempt.objects.using(conf.DATABASE)
         attempts.create(

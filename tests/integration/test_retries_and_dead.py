@@ -321,22 +321,23 @@ def test_follow_ups_that_cannot_be_sent_keep_the_attempt_failed_and_the_callback
     assert "tests.testapp.tasks.record" in retry.body
 
 
+def redeliver(task_id: str) -> None:
+    """Run ``write_then_fail`` as a worker would run a message RabbitMQ delivered again."""
+    write_then_fail.push_request(
+        id=task_id, called_directly=False, args=(task_id,), kwargs={}, retries=0,
+        hostname="test", delivery_info={"redelivered": True},
+    )  # fmt: skip
+    try:
+        with contextlib.suppress(Exception):  # the retry or the dead task Celery is told of
+            write_then_fail(task_id)
+    finally:
+        write_then_fail.pop_request()
+
+
 @override_settings(RELIABLE_TASKS_MAX_DELIVERIES=1)
 def test_redeliveries_count_towards_a_crash_loop_with_a_mark_at_once_without_one_at_3x() -> None:
     """A redelivery whose earlier delivery left its started mark counts against the limit; one
     without a mark (the cache is never the truth) against three times the limit."""
-
-    def redeliver(task_id: str) -> None:
-        write_then_fail.push_request(
-            id=task_id, called_directly=False, args=(task_id,), kwargs={}, retries=0,
-            hostname="test", delivery_info={"redelivered": True},
-        )  # fmt: skip
-        try:
-            with contextlib.suppress(Exception):  # the retry or the dead task Celery is told of
-                write_then_fail(task_id)
-        finally:
-            write_then_fail.pop_request()
-
     # A worker that died running it left its mark: the first redelivery reaches the limit.
     ledger.done_cache.start(write_then_fail.name, "marked", ledger.CacheWrites(task_id="marked"))
     redeliver("marked")
@@ -348,3 +349,15 @@ def test_redeliveries_count_towards_a_crash_loop_with_a_mark_at_once_without_one
     outcomes = TaskAttempt.objects.filter(task_id="unmarked").values_list("outcome", flat=True)
     assert list(outcomes).count("redelivered") == 3
     assert DeadTask.objects.get(task_id="unmarked").reason == "crash_loop"
+
+
+def test_a_crash_is_counted_once_and_a_later_redelivery_without_a_new_crash_is_unmarked() -> None:
+    """The mark a dead execution left goes once it was counted: it cannot make every later
+    redelivery of the task id look like another crash."""
+    ledger.done_cache.start(write_then_fail.name, "once", ledger.CacheWrites(task_id="once"))
+    redeliver("once")  # the execution that died is counted
+    redeliver("once")  # stranded in a prefetch, say: no execution died since
+    outcomes = TaskAttempt.objects.filter(task_id="once").values_list("outcome", flat=True)
+    assert sorted(set(outcomes) - {"failed"}) == ["lost", "redelivered"]
+    assert list(outcomes).count("lost") == 1
+    assert not DeadTask.objects.exists()
