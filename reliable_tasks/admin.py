@@ -228,8 +228,20 @@ def _when(value: Any) -> datetime | None:
         return None
 
 
+class _MessageFields:
+    """The AMQP headers and properties of a stored message, as readable JSON."""
+
+    @admin.display(description="headers")
+    def headers_json(self, obj: DeadTask | OutboxMessage) -> SafeString:
+        return pretty_json(obj.headers)
+
+    @admin.display(description="properties")
+    def properties_json(self, obj: DeadTask | OutboxMessage) -> SafeString:
+        return pretty_json(obj.properties)
+
+
 @admin.register(DeadTask)
-class DeadTaskAdmin(ReadOnlyAdmin[DeadTask]):
+class DeadTaskAdmin(_MessageFields, ReadOnlyAdmin[DeadTask]):
     """Dead tasks: what failed and how, and the acts that send them again or put them aside."""
 
     list_display = (
@@ -480,14 +492,6 @@ class DeadTaskAdmin(ReadOnlyAdmin[DeadTask]):
     @admin.display(description="kwargs")
     def kwargs_json(self, obj: DeadTask) -> SafeString | str:
         return pretty_json(obj.kwargs) if obj.kwargs is not None else "(not decoded)"
-
-    @admin.display(description="headers")
-    def headers_json(self, obj: DeadTask) -> SafeString:
-        return pretty_json(obj.headers)
-
-    @admin.display(description="properties")
-    def properties_json(self, obj: DeadTask) -> SafeString:
-        return pretty_json(obj.properties)
 
     @admin.display(description="body")
     def raw_body(self, obj: DeadTask) -> SafeString | str:
@@ -885,7 +889,7 @@ def _clip(value: Any) -> str:
 
 
 @admin.register(OutboxMessage)
-class OutboxMessageAdmin(ReadOnlyAdmin[OutboxMessage]):
+class OutboxMessageAdmin(_MessageFields, ReadOnlyAdmin[OutboxMessage]):
     """The outbox: what waits for the relay, and the recent dispatches kept for audit."""
 
     list_display = (
@@ -939,14 +943,6 @@ class OutboxMessageAdmin(ReadOnlyAdmin[OutboxMessage]):
         except Exception as exc:  # noqa: BLE001 - any decoding failure is shown, not raised
             return f"(cannot decode the body: {exc})"
         return pretty_json({"args": args, "kwargs": kwargs})
-
-    @admin.display(description="headers")
-    def headers_json(self, obj: OutboxMessage) -> SafeString:
-        return pretty_json(obj.headers)
-
-    @admin.display(description="properties")
-    def properties_json(self, obj: OutboxMessage) -> SafeString:
-        return pretty_json(obj.properties)
 
     @admin.display(description="requeue of")
     def dead_tasks(self, obj: OutboxMessage) -> SafeString | str:

@@ -21,6 +21,7 @@ from typing import Any
 from django.core.cache import caches
 from django.db import connections
 from django.utils import timezone
+from django_redis.client import ShardClient
 from kombu.utils import json as kombu_json
 
 from .conf import conf
@@ -454,30 +455,25 @@ def _done_value(value: Any) -> tuple[str, Any] | None:
     return stored_fingerprint, stored
 
 
-def shared(cache: Any) -> bool:
-    """Whether every process sees the same cache (not one of Django's per-process caches)."""
-    from django.core.cache.backends.dummy import DummyCache
-    from django.core.cache.backends.locmem import LocMemCache
-
-    return not isinstance(cache, LocMemCache | DummyCache)
-
-
+#: Django's caches that each process keeps to itself: no use for what workers must share.
 PER_PROCESS_CACHES = (
     "django.core.cache.backends.locmem.LocMemCache",
     "django.core.cache.backends.dummy.DummyCache",
 )
 
 
+def shared(cache: Any) -> bool:
+    """Whether every process sees the same cache (not one of ``PER_PROCESS_CACHES``)."""
+    return f"{type(cache).__module__}.{type(cache).__qualname__}" not in PER_PROCESS_CACHES
+
+
 def redis_client(cache: Any) -> Any:
-    """The Redis client under a django-redis cache, for pipelines; None for other caches (and
-    for django-redis's sharded client, which has no single client to give)."""
-    get_client = getattr(getattr(cache, "client", None), "get_client", None)
-    if get_client is None:
+    """The Redis client under a django-redis cache, for pipelines; None for other caches, and
+    for django-redis's sharded client, whose keys live on several servers."""
+    client = getattr(cache, "client", None)
+    if client is None or isinstance(client, ShardClient) or not hasattr(client, "get_client"):
         return None
-    try:
-        return get_client(write=True)
-    except NotImplementedError:
-        return None
+    return client.get_client(write=True)
 
 
 done_cache = DoneCache()

@@ -149,7 +149,7 @@ def _ledger_size() -> tuple[int, bool]:
 
 def increment(name: str, amount: int = 1) -> None:
     """Add to a shared counter (best effort)."""
-    _incr(f"{_PREFIX}{name}", amount)
+    add({f"{_PREFIX}{name}": amount})
 
 
 def observe(name: str, seconds: float) -> None:
@@ -167,10 +167,6 @@ def observation(name: str, seconds: float) -> dict[str, int]:
         # Sums are kept in microseconds: cache increments are integers.
         f"{_PREFIX}{name}:sum_us": int(seconds * 1_000_000),
     }
-
-
-def _incr(key: str, amount: int) -> None:
-    add({key: amount})
 
 
 def add(amounts: dict[str, int]) -> None:

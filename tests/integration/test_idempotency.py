@@ -6,7 +6,8 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
-from django.core.cache import cache
+from django.conf import settings
+from django.core.cache import cache, caches
 from django.db import connection
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
@@ -141,6 +142,27 @@ def test_a_shared_cache_other_than_redis_serves_the_fast_path_and_the_marks(
         assert record.apply(("local",), task_id="local").get() == "local"
         assert list(Observed.objects.values_list("kind", "cached")) == [("duplicate", True)]
         assert metrics.snapshot().histograms["duration"].count == 2
+
+
+# django-redis's own cache methods pass ``client=`` to its sharded client, which warns each time.
+@pytest.mark.filterwarnings("ignore:.* on sharded client should not specify client")
+def test_django_redis_sharded_client_serves_the_fast_path_through_the_cache_api() -> None:
+    """The sharded client has no single Redis connection for pipelines: the plain cache API
+    does the same work."""
+    location = settings.CACHES["default"]["LOCATION"]
+    sharded = {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": [location],
+        "OPTIONS": {"CLIENT_CLASS": "django_redis.client.ShardClient"},
+        "KEY_PREFIX": "sharded",
+    }
+    with override_settings(CACHES={"sharded": sharded}, RELIABLE_TASKS_CACHE_ALIAS="sharded"):
+        assert ledger.redis_client(caches["sharded"]) is None
+        assert sees_its_own_mark.apply(task_id="sharded-mark").get() is True
+        record.apply(("sharded",), task_id="sharded")
+        assert record.apply(("sharded",), task_id="sharded").get() == "sharded"
+        caches["sharded"].clear()
+    assert list(Observed.objects.values_list("kind", "cached")) == [("duplicate", True)]
 
 
 @override_settings(
