@@ -11,9 +11,11 @@ class ReliableTasksConfig(AppConfig):
     def ready(self) -> None:
         from . import (
             checks,  # noqa: F401 - importing registers the system checks
+            ledger,
             metrics,
         )
         from .integrations import sentry
 
+        ledger.connect_worker_signals()
         metrics.connect()
         sentry.connect()

@@ -13,9 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import queue
+import threading
+import time
 import uuid
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 from django.core.cache import caches
@@ -125,14 +132,24 @@ def complete(claim: Claim, stored_result: Any) -> bool:
         return bool(cursor.rowcount == 1)
 
 
-def store_result(claim: Claim, stored_result: Any) -> None:
-    """Store the result of an atomic-mode claim (already "done"), in the task's transaction."""
+def store_result(claim: Claim, stored_result: Any, *, commit: bool = False) -> None:
+    """Store the result of an atomic-mode claim (already "done"), in the task's transaction.
+
+    ``commit=True`` says this is the last statement of an outermost transaction, committed
+    right after. Where the driver sends it as plain text (psycopg 3's client-side binding,
+    Django's default) the COMMIT travels with it, one round trip to the database instead of
+    two; Django's own commit then finds nothing left to commit. An error in the update
+    leaves the transaction uncommitted, rolled back as usual.
+    """
     if stored_result is None:
         return  # NULL is what the claim wrote
     connection = connections[conf.DATABASE]
     with connection.cursor() as cursor:
+        sql = _statement(connection, "store_result")
+        if commit and _commits_with_statement(cursor):
+            sql += "; COMMIT"
         cursor.execute(
-            _statement(connection, "store_result"),
+            sql,
             [
                 _RESULT_FIELD.get_db_prep_save(stored_result, connection),
                 claim.task_name,
@@ -140,6 +157,19 @@ def store_result(claim: Claim, stored_result: Any) -> None:
                 claim.token,
             ],
         )
+
+
+def _commits_with_statement(cursor: Any) -> bool:
+    """Can a statement on this cursor end with "; COMMIT"? Only psycopg 3's client-side
+    binding cursors send several statements in one string (the simple query protocol), and
+    psycopg 3 asks the server, not its own bookkeeping, whether a transaction is open."""
+    if cursor.db.vendor != "postgresql":
+        return False
+    try:
+        from psycopg import ClientCursor
+    except ImportError:  # psycopg2
+        return False
+    return isinstance(cursor.cursor, ClientCursor)
 
 
 def _statement(connection: Any, name: str) -> str:
@@ -295,6 +325,9 @@ class CacheWrites:
     #: executions that died, once counted) are removed with this execution's own.
     seen: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
+    #: The done key refills the cache from the database (a duplicate found it there): the
+    #: duplicates right behind it need it, so it is sent before the execution ends.
+    refill: bool = False
 
 
 class DoneCache:
@@ -385,34 +418,63 @@ class DoneCache:
         else:
             self.set(task_name, key, fingerprint, stored_result)
 
-    def finish(self, writes: CacheWrites) -> None:
-        """End an execution: clear its started mark, remember its done key, add its metrics."""
+    def finish(self, writes: CacheWrites, *, wait: bool = True) -> None:
+        """End an execution: clear its started mark, remember its done key, add its metrics.
+
+        ``wait=False`` (an execution that succeeded, in a worker process): the writes go from
+        a thread of this process, so the task's end does not wait for the cache. A failed
+        execution's writes are sent at once: its retry may start before a thread would have
+        cleared its mark, and would count it as a crash.
+        """
         writes.open = False
+        if not wait and not writes.refill and self.in_background:
+            self._background.put(writes)
+        else:
+            self.write([writes])
+
+    #: Set in worker processes (``worker_init``): executions that succeed end without waiting.
+    in_background = False
+
+    @cached_property
+    def _background(self) -> BackgroundWrites:
+        return BackgroundWrites(self.write)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Send every write ``finish()`` left to the thread, waiting ``timeout`` at most."""
+        if "_background" in self.__dict__:
+            self._background.flush(timeout)
+
+    def write(self, batch: list[CacheWrites]) -> None:
+        """Send the end-of-execution writes of ``batch``, in one round trip with Redis."""
         try:
             alias = conf.CACHE_ALIAS
             if alias is None:
                 return
             cache = caches[alias]
             timeout = int(conf.IDEMPOTENCY_RETENTION.total_seconds())
-            done = writes.done
             client = redis_client(cache)
             if client is None:
-                mark = self._mark_key(writes.task_id)
-                if shared(cache) and cache.get(mark) == writes.token:
-                    cache.delete(mark)
-                if done is not None:
-                    self.set(*done)
                 from . import metrics
 
-                metrics.add(writes.increments)
+                for writes in batch:
+                    mark = self._mark_key(writes.task_id)
+                    if shared(cache) and cache.get(mark) == writes.token:
+                        cache.delete(mark)
+                    if writes.done is not None:
+                        self.set(*writes.done)
+                    metrics.add(writes.increments)
                 return
             pipe = client.pipeline(transaction=False)
-            pipe.srem(cache.make_key(self._mark_key(writes.task_id)), writes.token, *writes.stale)
-            if done is not None:
-                task_name, key, fingerprint, stored_result = done
-                value = cache.client.encode((fingerprint, stored_result))  # type: ignore[attr-defined]
-                pipe.set(cache.make_key(self._cache_key(task_name, key)), value, ex=timeout)
-            for name, amount in writes.increments.items():
+            increments: Counter[str] = Counter()
+            for writes in batch:
+                mark = cache.make_key(self._mark_key(writes.task_id))
+                pipe.srem(mark, writes.token, *writes.stale)
+                if writes.done is not None:
+                    task_name, key, fingerprint, stored_result = writes.done
+                    value = cache.client.encode((fingerprint, stored_result))  # type: ignore[attr-defined]
+                    pipe.set(cache.make_key(self._cache_key(task_name, key)), value, ex=timeout)
+                increments.update(writes.increments)
+            for name, amount in increments.items():
                 pipe.incrby(cache.make_key(name), amount)
             pipe.execute()
         except Exception as exc:  # noqa: BLE001 - a cache outage must not fail the task
@@ -448,6 +510,73 @@ class DoneCache:
             logger.info("idempotency cache %r is back", conf.CACHE_ALIAS)
 
 
+class BackgroundWrites:
+    """A thread of this process that sends what ``finish()`` hands it, in batches.
+
+    The cache is an accelerator: until a batch is sent, a duplicate of the key is answered by
+    the database instead. A worker process that dies takes its unsent batch along; one that
+    shuts down sends it (``flush``). Started on first use in each process, since a forked
+    child (Celery's prefork pool) inherits no threads.
+    """
+
+    #: Writes sent in one round trip at most.
+    BATCH = 200
+    #: How long the first write of a batch waits for others (seconds). A busy worker process
+    #: ends several executions meanwhile: their metrics go as one increment each, not one per
+    #: execution.
+    LINGER = 0.1
+
+    def __init__(self, send: Callable[[list[CacheWrites]], None]) -> None:
+        self._send = send
+        self._queue: queue.SimpleQueue[CacheWrites | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def put(self, writes: CacheWrites) -> None:
+        with self._lock:
+            if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
+                if self._pid != os.getpid():
+                    self._queue = queue.SimpleQueue()  # the parent's, copied at fork
+                self._pid = os.getpid()
+                self._thread = threading.Thread(
+                    target=self._run, args=(self._queue,), name="reliable_tasks-cache", daemon=True
+                )
+                self._thread.start()
+            self._queue.put(writes)
+
+    def flush(self, timeout: float) -> None:
+        """Send what is queued and stop the thread (the next ``put`` starts another)."""
+        with self._lock:
+            thread = self._thread if self._pid == os.getpid() else None
+            if thread is None or not thread.is_alive():
+                return
+            # The thread stops at the end of its queue; later writes go to a new one.
+            self._queue.put(None)
+            self._queue, self._thread = queue.SimpleQueue(), None
+        thread.join(timeout)
+
+    def _run(self, pending: queue.SimpleQueue[CacheWrites | None]) -> None:
+        while True:
+            first = pending.get()
+            batch = [] if first is None else [first]
+            stop = first is None
+            deadline = time.monotonic() + self.LINGER
+            while not stop and len(batch) < self.BATCH:
+                try:
+                    writes = pending.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if writes is None:
+                    stop = True
+                else:
+                    batch.append(writes)
+            if batch:
+                self._send(batch)  # never raises: failures are logged as a cache outage
+            if stop:
+                return
+
+
 def _done_value(value: Any) -> tuple[str, Any] | None:
     if value is None:
         return None
@@ -477,3 +606,20 @@ def redis_client(cache: Any) -> Any:
 
 
 done_cache = DoneCache()
+
+
+def connect_worker_signals() -> None:
+    """In Celery workers, executions that succeed end without waiting for the cache."""
+    from celery import signals
+
+    def in_worker(**kwargs: Any) -> None:
+        done_cache.in_background = True
+
+    def shutting_down(**kwargs: Any) -> None:
+        done_cache.flush()
+
+    signals.worker_init.connect(in_worker, weak=False, dispatch_uid="rt-cache-background")
+    signals.worker_process_shutdown.connect(
+        shutting_down, weak=False, dispatch_uid="rt-cache-flush-process"
+    )
+    signals.worker_shutdown.connect(shutting_down, weak=False, dispatch_uid="rt-cache-flush")

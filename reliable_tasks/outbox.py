@@ -179,41 +179,47 @@ def write(message: CapturedMessage) -> None:
     from django.db import connections
 
     connection = connections[conf.DATABASE]
-    sql, fields = _insert_statement(connection)
-    values = {
-        "task_id": message.task_id,
-        "task_name": message.task_name,
-        "queue": message.queue,
-        "exchange": message.exchange,
-        "routing_key": message.routing_key,
-        "headers": message.headers,
-        "properties": message.properties,
-        "body": message.body,
-        "content_type": message.content_type,
-        "content_encoding": message.content_encoding,
-        "due_at": message.due_at,
-        "retries": message.retries,
-    }
-    if connection.vendor == "postgresql" and message.headers_json and message.properties_json:
-        values["headers"], values["properties"] = message.headers_json, message.properties_json
-        params: list[Any] = [
-            values[f.name] if f.name in values else f.get_db_prep_save(f.get_default(), connection)
-            for f in fields
-        ]
-    else:
-        params = [
-            f.get_db_prep_save(values[f.name] if f.name in values else f.get_default(), connection)
-            for f in fields
-        ]
+    insert = _insert_statement(connection)
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(insert.sql, insert.params(message, connection))
 
 
-_INSERT_STATEMENTS: dict[str, tuple[str, list[Any]]] = {}
+@dataclass(frozen=True)
+class _Insert:
+    """The outbox's INSERT for one database vendor, and where each of its values comes from."""
+
+    sql: str
+    #: Per column: the message attribute that fills it, or the field whose default does.
+    sources: tuple[Any, ...]
+    #: Defaults that are constants, prepared for the database once.
+    constants: dict[str, Any]
+    #: PostgreSQL: the message's values go as they are, its JSON as the text encoded already.
+    raw: bool
+
+    def params(self, message: CapturedMessage, connection: Any) -> list[Any]:
+        raw = self.raw and bool(message.headers_json and message.properties_json)
+        params: list[Any] = []
+        for source in self.sources:
+            if not isinstance(source, str):  # a field with a default computed per row
+                params.append(source.get_db_prep_save(source.get_default(), connection))
+            elif source in self.constants:
+                params.append(self.constants[source])
+            elif raw:
+                params.append(getattr(message, _JSON_TEXT.get(source, source)))
+            else:
+                field = _FIELDS[source]
+                params.append(field.get_db_prep_save(getattr(message, source), connection))
+        return params
 
 
-def _insert_statement(connection: Any) -> tuple[str, list[Any]]:
-    """The outbox's INSERT for the connection's database vendor, and its fields in order."""
+# The message's JSON columns, and the attribute holding each as encoded text.
+_JSON_TEXT = {"headers": "headers_json", "properties": "properties_json"}
+_INSERT_STATEMENTS: dict[str, _Insert] = {}
+_FIELDS: dict[str, Any] = {}
+
+
+def _insert_statement(connection: Any) -> _Insert:
+    """The outbox's INSERT for the connection's database vendor (built once per vendor)."""
     vendor = connection.vendor
     if vendor not in _INSERT_STATEMENTS:
         from django.db.models import JSONField
@@ -222,15 +228,30 @@ def _insert_statement(connection: Any) -> tuple[str, list[Any]]:
 
         quote = connection.ops.quote_name
         fields = [f for f in OutboxMessage._meta.concrete_fields if not f.primary_key]
+        _FIELDS.update({f.name: f for f in fields})
         placeholders = [
             "%s::jsonb" if vendor == "postgresql" and isinstance(f, JSONField) else "%s"
             for f in fields
         ]
-        _INSERT_STATEMENTS[vendor] = (
-            f"INSERT INTO {quote(OutboxMessage._meta.db_table)} "
-            f"({', '.join(quote(cast(str, f.column)) for f in fields)}) "
-            f"VALUES ({', '.join(placeholders)})",
-            fields,
+        # The message's fields and properties (``retries``) fill their columns.
+        given = {f.name for f in fields if hasattr(CapturedMessage, f.name)}
+        given |= {f.name for f in fields if f.name in CapturedMessage.__dataclass_fields__}
+        per_row = {f.name for f in fields if f.has_default() and callable(f.default)} - given
+        sources = [f if f.name in per_row else f.name for f in fields]
+        constants = {
+            f.name: f.get_db_prep_save(f.get_default(), connection)
+            for f in fields
+            if f.name not in given | per_row
+        }
+        _INSERT_STATEMENTS[vendor] = _Insert(
+            sql=(
+                f"INSERT INTO {quote(OutboxMessage._meta.db_table)} "
+                f"({', '.join(quote(cast(str, f.column)) for f in fields)}) "
+                f"VALUES ({', '.join(placeholders)})"
+            ),
+            sources=tuple(sources),
+            constants=constants,
+            raw=vendor == "postgresql",
         )
     return _INSERT_STATEMENTS[vendor]
 

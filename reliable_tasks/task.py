@@ -137,28 +137,26 @@ class ReliableTask(Task[Any, Any]):
         if self.key_func is not None:
             # Fail at the call site, not on a worker later.
             self.key_for(args or (), kwargs or {})
-        if self.app.conf.task_always_eager:
-            return super().apply_async(
-                args, kwargs, task_id=task_id, producer=producer, link=link,
-                link_error=link_error, shadow=shadow, **options,
-            )  # fmt: skip
-        if isinstance(self.backend, RPCBackend) and not options.get(
-            "ignore_result", self.ignore_result
+        if (
+            isinstance(self.backend, RPCBackend)
+            and not options.get("ignore_result", self.ignore_result)
+            and not self.app.conf.task_always_eager
         ):
             raise UnsupportedOption(
                 f"task {self.name!r}: the rpc:// result backend replies over the caller's broker "
                 "channel, and enqueueing through the outbox opens none. Use another result backend "
                 "(redis, a database) or ignore_result=True."
             )
-        result, message = self._capture(
-            args,
-            kwargs,
-            task_id=task_id,
-            link=link,
-            link_error=link_error,
-            shadow=shadow,
+        # Celery's own apply_async decides: with task_always_eager it runs the task inline and
+        # publishes nothing; otherwise the capturing producer keeps the message.
+        result, message = self._build(
+            args, kwargs, task_id=task_id, link=link, link_error=link_error, shadow=shadow,
             **options,
-        )
+        )  # fmt: skip
+        if message is None:
+            if self.app.conf.task_always_eager:
+                return result
+            raise self._nothing_built()
         outbox.write(message)
         return result
 
@@ -166,15 +164,26 @@ class ReliableTask(Task[Any, Any]):
         self, args: Any, kwargs: Any, **options: Any
     ) -> tuple[AsyncResult[Any], outbox.CapturedMessage]:
         """The message Celery's ``apply_async`` would publish, built but not sent."""
+        result, message = self._build(args, kwargs, **options)
+        if message is None:
+            raise self._nothing_built()
+        return result, message
+
+    def _build(
+        self, args: Any, kwargs: Any, **options: Any
+    ) -> tuple[AsyncResult[Any], outbox.CapturedMessage | None]:
+        """Celery's ``apply_async`` with a producer that keeps the message (None if Celery
+        sent none)."""
         capture = outbox.CapturingProducer(self.name)
         result: AsyncResult[Any] = super().apply_async(
             args, kwargs, producer=cast(Any, capture), **options
         )
-        if capture.message is None:
-            raise ReliableTasksError(
-                f"Celery built no message for task {self.name!r}; nothing was enqueued"
-            )
         return result, capture.message
+
+    def _nothing_built(self) -> ReliableTasksError:
+        return ReliableTasksError(
+            f"Celery built no message for task {self.name!r}; nothing was enqueued"
+        )
 
     # -- execution ---------------------------------------------------------------------------
 
@@ -288,8 +297,11 @@ def _execute(task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     started_at = timezone.now()
     request = cast(Any, task.request)
     writes = request.reliable_cache_writes = ledger.CacheWrites(task_id=str(request.id))
+    succeeded = False
     try:
-        return _execute_keyed(task, args, kwargs, started_at, writes)
+        result = _execute_keyed(task, args, kwargs, started_at, writes)
+        succeeded = True
+        return result
     finally:
         # Best effort, and never in the way of the task's own outcome.
         try:
@@ -297,7 +309,7 @@ def _execute(task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]) 
         except Exception:  # noqa: BLE001 - a metric failure must not replace the outcome
             log.for_task(logger, task).warning("timings not recorded", exc_info=True)
         try:
-            ledger.done_cache.finish(writes)
+            ledger.done_cache.finish(writes, wait=not succeeded)
         except Exception:  # noqa: BLE001 - a cache failure must not replace the outcome
             log.for_task(logger, task).warning("cache writes at the end failed", exc_info=True)
 
@@ -594,30 +606,38 @@ def _claim_and_run(task: ReliableTask, key: str, fingerprint: str, args: Any, kw
     worker = task.request.hostname or socket.gethostname()
     task_id = str(task.request.id)
     lease = task._lease_seconds()
+    # The task's transaction is the outermost one (not a caller's or a test's): its last
+    # statement may carry the COMMIT.
+    connection = connections[conf.DATABASE]
+    outermost = connection.get_autocommit() and not connection.in_atomic_block
     with transaction.atomic(using=conf.DATABASE):
         claim = ledger.claim(
             task.name, key, fingerprint, task_id=task_id, worker=worker, lease_seconds=lease,
             atomic=task.atomic,
         )  # fmt: skip
         if claim.owned and task.atomic:
-            return _run_atomic(task, claim, fingerprint, args, kwargs)
+            return _run_atomic(task, claim, fingerprint, args, kwargs, last=outermost)
     if not claim.owned:
         return _not_owned(task, claim, fingerprint)
     return _run_leased(task, claim, fingerprint, args, kwargs)
 
 
-def _run_atomic(task: ReliableTask, claim: Claim, fingerprint: str, args: Any, kwargs: Any) -> Any:
+def _run_atomic(
+    task: ReliableTask, claim: Claim, fingerprint: str, args: Any, kwargs: Any, *, last: bool
+) -> Any:
+    """Run the task in the claim's transaction; ``last``: nothing follows but its commit."""
     from . import ledger
 
     result = task.run(*args, **kwargs)
     stored = ledger.encode_result(task.name, result)
-    ledger.store_result(claim, stored)  # the claim is "done" already, in this transaction
     _send_follow_ups(task, result)
     writes = getattr(task.request, "reliable_cache_writes", None)
     transaction.on_commit(
         lambda: ledger.done_cache.remember(writes, task.name, claim.key, fingerprint, stored),
         using=conf.DATABASE,
     )
+    # The claim is "done" already, in this transaction; the result is its last statement.
+    ledger.store_result(claim, stored, commit=last)
     return result
 
 
@@ -681,8 +701,11 @@ def _not_owned(task: ReliableTask, claim: Claim, fingerprint: str) -> Any:
         result = _duplicate(
             task, claim.key, fingerprint, claim.fingerprint, claim.result, cached=False
         )
+        writes = getattr(task.request, "reliable_cache_writes", None)
+        if writes is not None:
+            writes.refill = True
         ledger.done_cache.remember(
-            getattr(task.request, "reliable_cache_writes", None),
+            writes,
             task.name,
             claim.key,
             claim.fingerprint,

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -14,7 +18,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from reliable_tasks import IdempotencyKeyReused, InvalidIdempotencyKey, ledger
-from reliable_tasks.models import IdempotencyKey
+from reliable_tasks.models import IdempotencyKey, TaskAttempt
 from tests.testapp.models import Effect, Observed
 from tests.testapp.tasks import (
     charge,
@@ -26,6 +30,13 @@ from tests.testapp.tasks import (
 )
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
 
 
 @pytest.fixture(autouse=True)
@@ -73,6 +84,55 @@ def test_an_atomic_key_is_written_done_in_one_statement_and_then_only_its_result
     assert Effect.objects.count() == 2
 
 
+@pytest.mark.postgres
+def test_the_result_carries_the_commit_in_its_round_trip_and_a_failure_there_rolls_all_back() -> (
+    None
+):
+    """The result's update is the outermost transaction's last statement: the COMMIT goes in
+    the same string (psycopg 3's client-side binding), and the server's transaction is over
+    when it returns. If that statement fails, nothing of the task is committed."""
+    from psycopg.pq import TransactionStatus
+
+    after_update: list[tuple[bool, TransactionStatus]] = []
+
+    def watch(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        outcome = execute(sql, params, many, context)
+        if sql.startswith("UPDATE") and "reliable_tasks_ledger" in sql:
+            status = connection.connection.info.transaction_status
+            after_update.append((sql.rstrip().endswith("COMMIT"), status))
+        return outcome
+
+    with connection.execute_wrapper(watch):
+        assert record.apply(("carried",), task_id="carried").get() == "carried"
+    assert after_update == [(True, TransactionStatus.IDLE)]
+    assert IdempotencyKey.objects.get(key="carried").result == "carried"
+    assert Effect.objects.filter(key="carried").count() == 1
+    # The commit's on_commit work ran: a duplicate is answered by the cache.
+    assert record.apply(("carried",), task_id="carried").get() == "carried"
+    assert list(Observed.objects.values_list("kind", "cached")) == [("duplicate", True)]
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE FUNCTION rt_test_refuse() RETURNS trigger AS $$ BEGIN "
+            "RAISE EXCEPTION 'result refused'; END $$ LANGUAGE plpgsql"
+        )
+        cursor.execute(
+            "CREATE TRIGGER rt_test_refuse BEFORE UPDATE ON reliable_tasks_ledger FOR EACH ROW "
+            "WHEN (NEW.key = 'refused') EXECUTE FUNCTION rt_test_refuse()"
+        )
+    try:
+        outcome = record.apply(("refused",), task_id="refused")
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TRIGGER rt_test_refuse ON reliable_tasks_ledger")
+            cursor.execute("DROP FUNCTION rt_test_refuse()")
+    assert outcome.state == "RETRY"
+    assert not Effect.objects.filter(key="refused").exists()
+    assert not IdempotencyKey.objects.filter(key="refused").exists()
+    [attempt] = TaskAttempt.objects.filter(task_id="refused")
+    assert "result refused" in attempt.message
+
+
 def test_a_business_key_runs_once_across_task_ids_and_duplicates_get_the_stored_result() -> None:
     results = [charge.apply((7,), {"amount": 30}).get() for _ in range(3)]
     assert results == [{"order": 7, "charged": 30, "key": "charge:7"}] * 3
@@ -107,6 +167,73 @@ def test_marks_count_executions_so_one_ending_leaves_the_other_marked() -> None:
     probe = started("twice")
     assert ledger.done_cache.start(record.name, "k", probe)[1] is False
     ledger.done_cache.finish(probe)
+
+
+@pytest.fixture
+def held_background(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Worker-process mode, with the background thread's sends held until the event is set."""
+    release = threading.Event()
+    sent: list[int] = []
+
+    def send_when_released(batch: list[ledger.CacheWrites]) -> None:
+        release.wait(30)
+        sent.append(len(batch))
+        ledger.done_cache.write(batch)
+
+    monkeypatch.setattr(ledger.done_cache, "in_background", True)
+    monkeypatch.setitem(
+        ledger.done_cache.__dict__, "_background", ledger.BackgroundWrites(send_when_released)
+    )
+    yield release
+    release.set()
+    ledger.done_cache.flush()
+
+
+def test_in_a_worker_a_task_that_succeeded_ends_without_waiting_for_the_cache(
+    held_background: threading.Event,
+) -> None:
+    """Its done key and the end of its mark follow from a thread; a duplicate meanwhile is
+    answered by the database. A failed execution's writes go at once: its retry must not
+    find its mark and count a crash."""
+
+    def marked(task_id: str) -> bool | None:
+        probe = ledger.CacheWrites(task_id=task_id)
+        started = ledger.done_cache.start(record.name, "probe", probe)[1]
+        ledger.done_cache.write([probe])
+        return started
+
+    assert record.apply(("later",), task_id="later").get() == "later"
+    assert marked("later") is True  # its writes wait in the held thread
+    assert ledger.done_cache.get(record.name, "later") is None
+    write_then_fail.apply(("at-once",), task_id="at-once")
+    assert marked("at-once") is False
+    assert record.apply(("later",), task_id="later").get() == "later"
+    assert list(Observed.objects.values_list("kind", "cached")) == [("duplicate", False)]
+
+    held_background.set()
+    ledger.done_cache.flush()
+    assert marked("later") is False
+    assert ledger.done_cache.get(record.name, "later") == (
+        record.fingerprint(("later",), {}),
+        "later",
+    )
+    assert Effect.objects.filter(key="later").count() == 1
+
+
+def test_the_background_thread_sends_in_batches_and_starts_again_after_a_flush() -> None:
+    batches: list[list[str]] = []
+    writer = ledger.BackgroundWrites(lambda batch: batches.append([w.task_id for w in batch]))
+    writer.LINGER, writer.BATCH = 30.0, 2  # a batch waits for a second write, never a third
+    for task_id in "abc":
+        writer.put(ledger.CacheWrites(task_id=task_id))
+    wait_until(lambda: batches == [["a", "b"]])
+    started = time.monotonic()
+    writer.flush(10)  # does not wait out the linger
+    assert time.monotonic() - started < 5
+    assert batches == [["a", "b"], ["c"]]
+    writer.put(ledger.CacheWrites(task_id="d"))
+    writer.flush(10)
+    assert batches[-1] == ["d"]
 
 
 @override_settings(RELIABLE_TASKS_CACHE_ALIAS="missing")
