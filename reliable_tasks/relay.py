@@ -32,7 +32,7 @@ from django.db.models import F, Min
 from django.utils import timezone
 from kombu import Connection, Producer, Queue
 
-from . import dead, ledger, log, outbox
+from . import amqp_frames, dead, ledger, log, outbox
 from .conf import conf
 from .models import OutboxMessage, OutboxStatus, RelayHeartbeat
 from .retry import backoff
@@ -286,12 +286,14 @@ class Publisher:
         self._declared.add(queue_name)
 
     def _message(self, row: Row) -> amqp.Message:
+        """The message as kombu's ``prepare_message`` builds it, with its content header
+        written by ``amqp_frames`` (the same bytes, in less time)."""
         props = _properties(row)
         priority = props.pop("priority", None)
-        message: amqp.Message = self.channel.prepare_message(
-            row.body, priority, row.content_type, row.content_encoding, row.headers, props
-        )
-        return message
+        return amqp_frames.Message(
+            row.body, priority=priority, content_type=row.content_type,
+            content_encoding=row.content_encoding, application_headers=row.headers, **props,
+        )  # fmt: skip
 
     def _settle(self, tag: int, multiple: bool, into: list[int] | None, reason: str) -> None:
         # Tags are pending in publishing order: a multiple ack settles a prefix of them.

@@ -1,0 +1,111 @@
+"""The relay's content headers are byte for byte what py-amqp writes, for any headers."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Any
+
+import amqp
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from reliable_tasks import amqp_frames
+
+# What the relay's headers hold: JSON, decoded.
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63) + 1, max_value=2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=20), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+# What py-amqp also accepts, which the fast path hands back to it.
+other_values = (
+    st.decimals(
+        allow_nan=False, allow_infinity=False, places=2, min_value=-(10**6), max_value=10**6
+    )
+    | st.datetimes(min_value=dt.datetime(1970, 1, 2), max_value=dt.datetime(2100, 1, 1))
+    | st.binary(max_size=10)
+    | st.tuples(st.integers(min_value=0, max_value=9), st.text(max_size=3))
+)
+header_tables = st.dictionaries(st.text(max_size=30), json_values | other_values, max_size=25)
+shortstrs = st.none() | st.text(max_size=40)
+
+
+def both(body: str, **properties: Any) -> tuple[bytes, bytes]:
+    ours = amqp_frames.Message(body, **properties)._serialize_properties()
+    theirs = amqp.Message(body, **properties)._serialize_properties()
+    return ours, theirs
+
+
+@given(
+    headers=header_tables,
+    content_type=shortstrs,
+    correlation_id=shortstrs,
+    reply_to=shortstrs,
+    expiration=shortstrs,
+    priority=st.none() | st.integers(min_value=0, max_value=255),
+    delivery_mode=st.sampled_from([None, 1, 2]),
+    timestamp=st.none() | st.integers(min_value=0, max_value=2**40),
+)
+@example(
+    headers={"big": 2**31 - 1, "bigger": 2**31, "low": -(2**31) + 1, "lower": -(2**31), "t": True},
+    content_type="application/json",
+    correlation_id="x",
+    reply_to=None,
+    expiration="0",
+    priority=0,
+    delivery_mode=2,
+    timestamp=None,
+)
+@example(
+    headers={"é": "ünïcode \udcff", "nested": {"a": [1, None, {"b": 1.5}]}, "empty": {}},
+    content_type="",
+    correlation_id=None,
+    reply_to=None,
+    expiration=None,
+    priority=None,
+    delivery_mode=None,
+    timestamp=1,
+)
+def test_the_fast_content_header_is_py_amqps_to_the_byte(
+    headers: dict[str, Any], **properties: Any
+) -> None:
+    ours, theirs = both("{}", application_headers=headers, **properties)
+    assert ours == theirs
+
+
+def test_a_celery_message_is_written_by_the_fast_path_not_handed_back() -> None:
+    headers = {
+        "lang": "py", "task": "app.tasks.add", "id": "3f1c", "shadow": None, "eta": None,
+        "expires": None, "group": None, "group_index": None, "retries": 0,
+        "timelimit": [None, None], "root_id": "3f1c", "parent_id": None, "argsrepr": "(1, 2)",
+        "kwargsrepr": "{}", "origin": "gen1@host", "ignore_result": False, "stamps": {},
+    }  # fmt: skip
+    props = {"delivery_mode": 2, "correlation_id": "3f1c", "reply_to": "r"}
+    written = amqp_frames.properties(
+        amqp.Message.PROPERTIES,
+        {"content_type": "application/json", "application_headers": headers, **props},
+    )
+    assert (
+        written
+        == both("[]", content_type="application/json", application_headers=headers, **props)[1]
+    )
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"amount": Decimal("1.50")}, {"when": dt.datetime(2026, 1, 1)}, {b"raw": 1}, {"k" * 256: 1}],
+)
+def test_what_the_fast_path_does_not_write_goes_to_py_amqp(headers: dict[Any, Any]) -> None:
+    with pytest.raises(amqp_frames.Unsupported):
+        amqp_frames.properties(amqp.Message.PROPERTIES, {"application_headers": headers})
+    if not any(isinstance(k, str) and len(k) > 255 for k in headers):
+        ours, theirs = both("", application_headers=headers)
+        assert ours == theirs
