@@ -109,3 +109,14 @@ def test_what_the_fast_path_does_not_write_goes_to_py_amqp(headers: dict[Any, An
     if not any(isinstance(k, str) and len(k) > 255 for k in headers):
         ours, theirs = both("", application_headers=headers)
         assert ours == theirs
+
+
+def test_py_amqp_still_asks_the_message_for_its_content_header() -> None:
+    """The relay's speed rests on py-amqp calling this method when it writes a frame; if a
+    py-amqp release stops, messages stay correct (py-amqp writes them) but slow: fail here."""
+    import inspect
+
+    from amqp import method_framing
+
+    assert "content._serialize_properties()" in inspect.getsource(method_framing)
+    assert amqp_frames.Message._serialize_properties is not amqp.Message._serialize_properties
