@@ -90,9 +90,12 @@ def bench_worker(results: Any, processes: Any, wait_for: Callable[..., None]) ->
 
 
 def bench_duplicates(results: Any) -> None:
+    """Executions in this process, as a worker process runs them: a worker sends an execution's
+    cache writes at its end from a thread (``worker_init`` turns this on; here it is set)."""
     from django.core.cache import cache
 
     from benchmarks.benchapp.tasks import insert_order
+    from reliable_tasks import ledger
 
     cache.clear()
 
@@ -108,9 +111,15 @@ def bench_duplicates(results: Any) -> None:
         finally:
             insert_order.pop_request()
 
-    firsts = [call(f"bench-first-{n}", 10_000_000 + n) for n in range(500)]
-    call("bench-duplicate", 20_000_000)  # done once; every call after it is a duplicate
-    duplicates = [call("bench-duplicate", 20_000_000) for _ in range(DUPLICATE_CALLS)]
+    ledger.done_cache.in_background = True
+    try:
+        firsts = [call(f"bench-first-{n}", 10_000_000 + n) for n in range(500)]
+        call("bench-duplicate", 20_000_000)  # done once; every call after it is a duplicate
+        ledger.done_cache.flush()  # its done key is in the cache before the duplicates come
+        duplicates = [call("bench-duplicate", 20_000_000) for _ in range(DUPLICATE_CALLS)]
+    finally:
+        ledger.done_cache.flush()
+        ledger.done_cache.in_background = False
     results.figures["duplicate_hit_p50_ms"] = statistics.median(duplicates)
     results.figures["duplicate_hit_p99_ms"] = statistics.quantiles(duplicates, n=100)[98]
     results.figures["first_execution_p50_ms"] = statistics.median(firsts)

@@ -241,7 +241,8 @@ def connect() -> None:
     """Count what workers see: duplicates, deferrals, retries, dead tasks.
 
     Latency and duration are recorded by the task itself as it ends, with its last cache writes
-    (``ledger.CacheWrites``).
+    (``ledger.CacheWrites``); so are these counts when the signal comes from an execution in
+    progress, so that counting costs no round trip of its own.
     """
     from . import signals
 
@@ -256,7 +257,13 @@ def connect() -> None:
 
 
 def _count(name: str) -> Any:
-    def handler(**kwargs: Any) -> None:
-        increment(name)
+    key = f"{_PREFIX}{name}"
+
+    def handler(task: Any = None, **kwargs: Any) -> None:
+        writes = getattr(getattr(task, "request", None), "reliable_cache_writes", None)
+        if writes is not None and writes.open:
+            writes.increments[key] = writes.increments.get(key, 0) + 1
+        else:
+            increment(name)
 
     return handler

@@ -220,6 +220,25 @@ def test_in_a_worker_a_task_that_succeeded_ends_without_waiting_for_the_cache(
     assert Effect.objects.filter(key="later").count() == 1
 
 
+def test_a_duplicates_count_goes_with_its_executions_last_writes(
+    held_background: threading.Event,
+) -> None:
+    """Counting a duplicate costs no round trip of its own: the count waits with the rest."""
+    from reliable_tasks import metrics
+
+    assert record.apply(("counted",), task_id="counted").get() == "counted"
+    held_background.set()
+    ledger.done_cache.flush()
+    held_background.clear()
+    before = metrics.snapshot().counters["duplicate_hits"]
+    assert record.apply(("counted",), task_id="counted").get() == "counted"
+    assert list(Observed.objects.values_list("kind", "cached")) == [("duplicate", True)]
+    assert metrics.snapshot().counters["duplicate_hits"] == before
+    held_background.set()
+    ledger.done_cache.flush()
+    assert metrics.snapshot().counters["duplicate_hits"] == before + 1
+
+
 def test_the_background_thread_sends_in_batches_and_starts_again_after_a_flush() -> None:
     batches: list[list[str]] = []
     writer = ledger.BackgroundWrites(lambda batch: batches.append([w.task_id for w in batch]))
