@@ -141,13 +141,27 @@ def properties(spec: Sequence[tuple[str, str]], props: Mapping[str, Any]) -> byt
 
 
 class Message(amqp.Message):
-    """An ``amqp.Message`` whose content header this module writes, py-amqp as the fallback."""
+    """An ``amqp.Message`` whose content header this module writes, py-amqp as the fallback.
 
-    __slots__ = ()
+    ``content_header()`` writes it once, where the relay can tell a row whose header cannot be
+    written (py-amqp raises ``struct.error`` for an integer beyond 64 bits) from a broker
+    failure; publishing then sends those bytes.
+    """
+
+    __slots__ = ("_content_header",)
+    _content_header: bytes
+
+    def content_header(self) -> bytes:
+        try:
+            return self._content_header
+        except AttributeError:
+            pass
+        try:
+            data = properties(self.PROPERTIES, self.properties)
+        except Unsupported:
+            data = super()._serialize_properties()  # type: ignore[misc]
+        self._content_header = data
+        return data
 
     def _serialize_properties(self) -> bytes:
-        try:
-            return properties(self.PROPERTIES, self.properties)
-        except Unsupported:
-            data: bytes = super()._serialize_properties()  # type: ignore[misc]
-            return data
+        return self.content_header()

@@ -22,7 +22,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import cached_property
 from typing import Any
 
 from django.core.cache import caches
@@ -343,6 +342,7 @@ class DoneCache:
 
     def __init__(self) -> None:
         self._down = False
+        self._background = BackgroundWrites(self.write)
 
     def _cache_key(self, task_name: str, key: str) -> str:
         digest = hashlib.sha256(f"{task_name}\0{key}".encode()).hexdigest()
@@ -435,14 +435,9 @@ class DoneCache:
     #: Set in worker processes (``worker_init``): executions that succeed end without waiting.
     in_background = False
 
-    @cached_property
-    def _background(self) -> BackgroundWrites:
-        return BackgroundWrites(self.write)
-
     def flush(self, timeout: float = 5.0) -> None:
         """Send every write ``finish()`` left to the thread, waiting ``timeout`` at most."""
-        if "_background" in self.__dict__:
-            self._background.flush(timeout)
+        self._background.flush(timeout)
 
     def write(self, batch: list[CacheWrites]) -> None:
         """Send the end-of-execution writes of ``batch``, in one round trip with Redis."""
@@ -516,7 +511,9 @@ class BackgroundWrites:
     The cache is an accelerator: until a batch is sent, a duplicate of the key is answered by
     the database instead. A worker process that dies takes its unsent batch along; one that
     shuts down sends it (``flush``). Started on first use in each process, since a forked
-    child (Celery's prefork pool) inherits no threads.
+    child (Celery's prefork pool) inherits no threads. The queue is a ``queue.Queue``, which
+    eventlet and gevent make green; when it is full (the cache hangs) or no thread can start,
+    the writes are sent at once, as without the thread.
     """
 
     #: Writes sent in one round trip at most.
@@ -525,38 +522,48 @@ class BackgroundWrites:
     #: ends several executions meanwhile: their metrics go as one increment each, not one per
     #: execution.
     LINGER = 0.1
+    #: Writes waiting at most; beyond, an execution sends its own.
+    QUEUED = 10_000
 
     def __init__(self, send: Callable[[list[CacheWrites]], None]) -> None:
         self._send = send
-        self._queue: queue.SimpleQueue[CacheWrites | None] = queue.SimpleQueue()
+        self._forget()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        """A new process (or a forked child) starts with nothing queued and no thread."""
+        self._queue: queue.Queue[CacheWrites | None] = queue.Queue(self.QUEUED)
         self._thread: threading.Thread | None = None
-        self._pid = 0
         self._lock = threading.Lock()
 
     def put(self, writes: CacheWrites) -> None:
         with self._lock:
-            if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
-                if self._pid != os.getpid():
-                    self._queue = queue.SimpleQueue()  # the parent's, copied at fork
-                self._pid = os.getpid()
-                self._thread = threading.Thread(
-                    target=self._run, args=(self._queue,), name="reliable_tasks-cache", daemon=True
-                )
-                self._thread.start()
-            self._queue.put(writes)
+            try:
+                if self._thread is None or not self._thread.is_alive():
+                    thread = threading.Thread(
+                        target=self._run, args=(self._queue,), name="reliable_tasks-cache",
+                        daemon=True,
+                    )  # fmt: skip
+                    thread.start()
+                    self._thread = thread
+                self._queue.put_nowait(writes)
+                return
+            except (RuntimeError, queue.Full):
+                pass  # no thread (interpreter shutting down), or the cache is not keeping up
+        self._send([writes])
 
     def flush(self, timeout: float) -> None:
         """Send what is queued and stop the thread (the next ``put`` starts another)."""
         with self._lock:
-            thread = self._thread if self._pid == os.getpid() else None
+            thread = self._thread
             if thread is None or not thread.is_alive():
                 return
             # The thread stops at the end of its queue; later writes go to a new one.
-            self._queue.put(None)
-            self._queue, self._thread = queue.SimpleQueue(), None
+            stop, self._queue, self._thread = self._queue, queue.Queue(self.QUEUED), None
+        stop.put(None)
         thread.join(timeout)
 
-    def _run(self, pending: queue.SimpleQueue[CacheWrites | None]) -> None:
+    def _run(self, pending: queue.Queue[CacheWrites | None]) -> None:
         while True:
             first = pending.get()
             batch = [] if first is None else [first]

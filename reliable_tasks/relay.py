@@ -290,10 +290,13 @@ class Publisher:
         written by ``amqp_frames`` (the same bytes, in less time)."""
         props = _properties(row)
         priority = props.pop("priority", None)
-        return amqp_frames.Message(
+        message = amqp_frames.Message(
             row.body, priority=priority, content_type=row.content_type,
             content_encoding=row.content_encoding, application_headers=row.headers, **props,
         )  # fmt: skip
+        # Written here, so a header AMQP cannot carry fails this row only, not the batch.
+        message.content_header()
+        return message
 
     def _settle(self, tag: int, multiple: bool, into: list[int] | None, reason: str) -> None:
         # Tags are pending in publishing order: a multiple ack settles a prefix of them.

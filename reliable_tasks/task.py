@@ -630,14 +630,19 @@ def _run_atomic(
 
     result = task.run(*args, **kwargs)
     stored = ledger.encode_result(task.name, result)
-    _send_follow_ups(task, result)
     writes = getattr(task.request, "reliable_cache_writes", None)
     transaction.on_commit(
         lambda: ledger.done_cache.remember(writes, task.name, claim.key, fingerprint, stored),
         using=conf.DATABASE,
     )
-    # The claim is "done" already, in this transaction; the result is its last statement.
-    ledger.store_result(claim, stored, commit=last)
+    request = cast(Any, task.request)
+    # The claim is "done" already, in this transaction. The result is stored before any
+    # follow-up is sent (a plain Celery callback publishes at once); without follow-ups it is
+    # the transaction's last statement, and may carry its COMMIT.
+    follow_ups = bool(request.callbacks or request.chain)
+    ledger.store_result(claim, stored, commit=last and not follow_ups)
+    if follow_ups:
+        _send_follow_ups(task, result)
     return result
 
 

@@ -181,8 +181,8 @@ def held_background(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event
         ledger.done_cache.write(batch)
 
     monkeypatch.setattr(ledger.done_cache, "in_background", True)
-    monkeypatch.setitem(
-        ledger.done_cache.__dict__, "_background", ledger.BackgroundWrites(send_when_released)
+    monkeypatch.setattr(
+        ledger.done_cache, "_background", ledger.BackgroundWrites(send_when_released)
     )
     yield release
     release.set()
@@ -253,6 +253,30 @@ def test_the_background_thread_sends_in_batches_and_starts_again_after_a_flush()
     writer.put(ledger.CacheWrites(task_id="d"))
     writer.flush(10)
     assert batches[-1] == ["d"]
+
+
+def test_when_the_thread_falls_behind_an_execution_sends_its_own_writes() -> None:
+    """A cache that hangs must not grow the queue without end: past ``QUEUED`` writes, the
+    execution that ends sends its own, as it would without the thread."""
+    gate = threading.Event()
+    sent: list[tuple[str, list[str]]] = []
+
+    def send(batch: list[ledger.CacheWrites]) -> None:
+        if threading.current_thread().name == "reliable_tasks-cache":
+            gate.wait(30)
+        sent.append((threading.current_thread().name, [w.task_id for w in batch]))
+
+    writer = ledger.BackgroundWrites(send)
+    writer.LINGER, writer.QUEUED = 0.0, 1
+    writer._forget()  # a queue of the new size
+    writer.put(ledger.CacheWrites(task_id="a"))  # the thread takes it and hangs at the gate
+    wait_until(lambda: writer._queue.empty())
+    writer.put(ledger.CacheWrites(task_id="b"))  # waits in the queue
+    writer.put(ledger.CacheWrites(task_id="c"))  # the queue is full: sent here
+    assert sent == [(threading.current_thread().name, ["c"])]
+    gate.set()
+    writer.flush(10)
+    assert [ids for _, ids in sent] == [["c"], ["a"], ["b"]]
 
 
 @override_settings(RELIABLE_TASKS_CACHE_ALIAS="missing")

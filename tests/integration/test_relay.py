@@ -115,6 +115,22 @@ def test_a_message_the_broker_refuses_is_set_aside_and_the_rest_flow(
     assert refused.due_at > timezone.now()
 
 
+def test_a_header_amqp_cannot_carry_fails_its_row_and_the_rest_flow(
+    broker: Broker, relay: Relay
+) -> None:
+    """JSON takes an integer of any size, an AMQP header table one of 64 bits at most: the
+    row is set aside with the reason, and the relay goes on (it used to stop on it)."""
+    record.delay("before")
+    record.apply_async(("huge",), headers={"n": 2**64})
+    record.delay("after")
+    relay.drain(timeout=30)
+    delivered = sorted(json.loads(m.body)[0][0] for m in broker.get_all(expect=2))
+    assert delivered == ["after", "before"]
+    row = OutboxMessage.objects.get(status="pending")
+    assert "cannot build the message" in row.last_error
+    assert "int too large" in row.last_error
+
+
 def test_an_unroutable_message_is_returned_and_retried_later(broker: Broker, relay: Relay) -> None:
     record.apply_async(
         ("unroutable",), exchange="amq.direct", routing_key="rt-tests-nobody-binds-this"
