@@ -96,20 +96,26 @@ def test_routing_follows_task_routes(broker: Broker, relay: Relay) -> None:
     assert broker.get_all(QUEUE) == []
 
 
-def test_a_message_the_broker_refuses_is_set_aside_and_the_rest_flow(
-    broker: Broker, relay: Relay
-) -> None:
+def set_aside_between_two(broker: Broker, relay: Relay, **options: object) -> OutboxMessage:
+    """Enqueue a task with ``options`` between two plain ones; drain. The two are delivered
+    (once each); the row set aside, still pending, is returned."""
     record.delay("before")
-    record.apply_async(
-        ("refused",), exchange="rt-tests-no-such-exchange", routing_key="x", queue=None
-    )
+    record.apply_async(("set aside",), **options)
     record.delay("after")
-    # The relay probes each exchange before publishing to it: the row for the missing one is
-    # set aside, and the rest of the batch goes out once.
     relay.drain(timeout=30)
     delivered = sorted(json.loads(m.body)[0][0] for m in broker.get_all(expect=2))
     assert delivered == ["after", "before"]
-    refused = OutboxMessage.objects.get(status="pending")
+    return OutboxMessage.objects.get(status="pending")
+
+
+def test_a_message_the_broker_refuses_is_set_aside_and_the_rest_flow(
+    broker: Broker, relay: Relay
+) -> None:
+    # The relay probes each exchange before publishing to it: the row for the missing one is
+    # set aside, and the rest of the batch goes out once.
+    refused = set_aside_between_two(
+        broker, relay, exchange="rt-tests-no-such-exchange", routing_key="x", queue=None
+    )
     assert "NOT_FOUND" in refused.last_error
     assert "rt-tests-no-such-exchange" in refused.last_error
     assert refused.due_at > timezone.now()
@@ -120,13 +126,7 @@ def test_a_header_amqp_cannot_carry_fails_its_row_and_the_rest_flow(
 ) -> None:
     """JSON takes an integer of any size, an AMQP header table one of 64 bits at most: the
     row is set aside with the reason, and the relay goes on (it used to stop on it)."""
-    record.delay("before")
-    record.apply_async(("huge",), headers={"n": 2**64})
-    record.delay("after")
-    relay.drain(timeout=30)
-    delivered = sorted(json.loads(m.body)[0][0] for m in broker.get_all(expect=2))
-    assert delivered == ["after", "before"]
-    row = OutboxMessage.objects.get(status="pending")
+    row = set_aside_between_two(broker, relay, headers={"n": 2**64})
     assert "cannot build the message" in row.last_error
     assert "int too large" in row.last_error
 
