@@ -4,8 +4,9 @@ A key is claimed with one upsert. It inserts the key, or takes over a lease-mode
 lease expired; when someone else holds the key, or it is done, the upsert changes nothing
 and a read tells the caller what there is. In atomic mode the claim writes the key "done" in
 the task's own transaction, which commits it with the task's writes or rolls it back with them:
-a concurrent duplicate waits on the key's unique index, then finds it done or claims it. The Django cache remembers done keys so that a
-duplicate usually costs no database round trip; the database stays the truth.
+a concurrent duplicate waits on the key's unique index, then finds it done or claims it. The
+Django cache remembers done keys so that a duplicate usually costs no database round trip; the
+database stays the truth.
 """
 
 from __future__ import annotations
@@ -328,6 +329,11 @@ class CacheWrites:
     #: duplicates right behind it need it, so it is sent before the execution ends.
     refill: bool = False
 
+    def add(self, amounts: dict[str, int]) -> None:
+        """Add to the metric counters this execution sends as it ends."""
+        for name, amount in amounts.items():
+            self.increments[name] = self.increments.get(name, 0) + amount
+
 
 class DoneCache:
     """Remembers done keys in the Django cache; every failure falls back to the database.
@@ -339,6 +345,9 @@ class DoneCache:
     cache each process keeps to itself (``LocMemCache``, ``DummyCache``) holds no marks: the
     process that dies takes them along.
     """
+
+    #: Set in worker processes (``worker_init``): executions that succeed end without waiting.
+    in_background = False
 
     def __init__(self) -> None:
         self._down = False
@@ -411,10 +420,16 @@ class DoneCache:
         key: str,
         fingerprint: str,
         stored_result: Any,
+        *,
+        refill: bool = False,
     ) -> None:
-        """Remember a done key: with the execution's last writes if it is still running."""
+        """Remember a done key: with the execution's last writes if it is still running.
+
+        ``refill``: the key was found in the database by a duplicate; the writes go before the
+        execution ends, even in a worker (``finish``)."""
         if writes is not None and writes.open:
             writes.done = (task_name, key, fingerprint, stored_result)
+            writes.refill = writes.refill or refill
         else:
             self.set(task_name, key, fingerprint, stored_result)
 
@@ -432,9 +447,6 @@ class DoneCache:
         else:
             self.write([writes])
 
-    #: Set in worker processes (``worker_init``): executions that succeed end without waiting.
-    in_background = False
-
     def flush(self, timeout: float = 5.0) -> None:
         """Send every write ``finish()`` left to the thread, waiting ``timeout`` at most."""
         self._background.flush(timeout)
@@ -447,6 +459,9 @@ class DoneCache:
                 return
             cache = caches[alias]
             timeout = int(conf.IDEMPOTENCY_RETENTION.total_seconds())
+            increments: Counter[str] = Counter()
+            for writes in batch:
+                increments.update(writes.increments)
             client = redis_client(cache)
             if client is None:
                 from . import metrics
@@ -457,10 +472,9 @@ class DoneCache:
                         cache.delete(mark)
                     if writes.done is not None:
                         self.set(*writes.done)
-                    metrics.add(writes.increments)
+                metrics.add(dict(increments))
                 return
             pipe = client.pipeline(transaction=False)
-            increments: Counter[str] = Counter()
             for writes in batch:
                 mark = cache.make_key(self._mark_key(writes.task_id))
                 pipe.srem(mark, writes.token, *writes.stale)
@@ -468,7 +482,6 @@ class DoneCache:
                     task_name, key, fingerprint, stored_result = writes.done
                     value = cache.client.encode((fingerprint, stored_result))  # type: ignore[attr-defined]
                     pipe.set(cache.make_key(self._cache_key(task_name, key)), value, ex=timeout)
-                increments.update(writes.increments)
             for name, amount in increments.items():
                 pipe.incrby(cache.make_key(name), amount)
             pipe.execute()

@@ -152,11 +152,6 @@ def increment(name: str, amount: int = 1) -> None:
     add({f"{_PREFIX}{name}": amount})
 
 
-def observe(name: str, seconds: float) -> None:
-    """Record one observation in a shared histogram (best effort)."""
-    add(observation(name, seconds))
-
-
 def observation(name: str, seconds: float) -> dict[str, int]:
     """The increments that record one observation of histogram ``name``."""
     seconds = max(0.0, seconds)
@@ -262,7 +257,7 @@ def _count(name: str) -> Any:
     def handler(task: Any = None, **kwargs: Any) -> None:
         writes = getattr(getattr(task, "request", None), "reliable_cache_writes", None)
         if writes is not None and writes.open:
-            writes.increments[key] = writes.increments.get(key, 0) + 1
+            writes.add({key: 1})
         else:
             increment(name)
 

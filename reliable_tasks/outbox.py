@@ -195,6 +195,8 @@ class _Insert:
     constants: dict[str, Any]
     #: PostgreSQL: the message's values go as they are, its JSON as the text encoded already.
     raw: bool
+    #: The model's fields by name, for the values that go through their conversion.
+    fields: dict[str, Any]
 
     def params(self, message: CapturedMessage, connection: Any) -> list[Any]:
         raw = self.raw and bool(message.headers_json and message.properties_json)
@@ -207,7 +209,7 @@ class _Insert:
             elif raw:
                 params.append(getattr(message, _JSON_TEXT.get(source, source)))
             else:
-                field = _FIELDS[source]
+                field = self.fields[source]
                 params.append(field.get_db_prep_save(getattr(message, source), connection))
         return params
 
@@ -215,7 +217,6 @@ class _Insert:
 # The message's JSON columns, and the attribute holding each as encoded text.
 _JSON_TEXT = {"headers": "headers_json", "properties": "properties_json"}
 _INSERT_STATEMENTS: dict[str, _Insert] = {}
-_FIELDS: dict[str, Any] = {}
 
 
 def _insert_statement(connection: Any) -> _Insert:
@@ -228,14 +229,17 @@ def _insert_statement(connection: Any) -> _Insert:
 
         quote = connection.ops.quote_name
         fields = [f for f in OutboxMessage._meta.concrete_fields if not f.primary_key]
-        _FIELDS.update({f.name: f for f in fields})
         placeholders = [
             "%s::jsonb" if vendor == "postgresql" and isinstance(f, JSONField) else "%s"
             for f in fields
         ]
         # The message's fields and properties (``retries``) fill their columns.
-        given = {f.name for f in fields if hasattr(CapturedMessage, f.name)}
-        given |= {f.name for f in fields if f.name in CapturedMessage.__dataclass_fields__}
+        given = {
+            f.name
+            for f in fields
+            if f.name in CapturedMessage.__dataclass_fields__
+            or isinstance(getattr(CapturedMessage, f.name, None), property)
+        }
         per_row = {f.name for f in fields if f.has_default() and callable(f.default)} - given
         sources = [f if f.name in per_row else f.name for f in fields]
         constants = {
@@ -252,6 +256,7 @@ def _insert_statement(connection: Any) -> _Insert:
             sources=tuple(sources),
             constants=constants,
             raw=vendor == "postgresql",
+            fields={f.name: f for f in fields},
         )
     return _INSERT_STATEMENTS[vendor]
 

@@ -318,16 +318,14 @@ def _record_timings(task: ReliableTask, started_at: datetime, writes: CacheWrite
     """Latency (enqueue to start, first attempts only) and duration, into the last writes."""
     from . import metrics
 
-    writes.increments.update(
-        metrics.observation("duration", (timezone.now() - started_at).total_seconds())
-    )
+    writes.add(metrics.observation("duration", (timezone.now() - started_at).total_seconds()))
     enqueued = _header(task.request, ENQUEUED_AT_HEADER)
     if enqueued and not task.request.retries:
         # Retries would count their backoff. A header that is not a time is not counted: this
         # runs as the task ends, and must not change its outcome.
         with contextlib.suppress(TypeError, ValueError):
             latency = (started_at - datetime.fromisoformat(enqueued)).total_seconds()
-            writes.increments.update(metrics.observation("latency", latency))
+            writes.add(metrics.observation("latency", latency))
 
 
 def _execute_keyed(
@@ -641,8 +639,7 @@ def _run_atomic(
     # the transaction's last statement, and may carry its COMMIT.
     follow_ups = bool(request.callbacks or request.chain)
     ledger.store_result(claim, stored, commit=last and not follow_ups)
-    if follow_ups:
-        _send_follow_ups(task, result)
+    _send_follow_ups(task, result)
     return result
 
 
@@ -706,15 +703,13 @@ def _not_owned(task: ReliableTask, claim: Claim, fingerprint: str) -> Any:
         result = _duplicate(
             task, claim.key, fingerprint, claim.fingerprint, claim.result, cached=False
         )
-        writes = getattr(task.request, "reliable_cache_writes", None)
-        if writes is not None:
-            writes.refill = True
         ledger.done_cache.remember(
-            writes,
+            getattr(task.request, "reliable_cache_writes", None),
             task.name,
             claim.key,
             claim.fingerprint,
             ledger.encode_result(task.name, claim.result),
+            refill=True,
         )
         return result
     if claim.fingerprint != fingerprint:

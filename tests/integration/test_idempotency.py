@@ -255,6 +255,24 @@ def test_the_background_thread_sends_in_batches_and_starts_again_after_a_flush()
     assert batches[-1] == ["d"]
 
 
+def test_a_worker_turns_the_thread_on_and_a_process_shutting_down_sends_what_it_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from celery import signals
+
+    sent: list[list[str]] = []
+    writer = ledger.BackgroundWrites(lambda batch: sent.append([w.task_id for w in batch]))
+    writer.LINGER = 30.0  # only a flush sends before then
+    monkeypatch.setattr(ledger.done_cache, "in_background", False)
+    monkeypatch.setattr(ledger.done_cache, "_background", writer)
+    signals.worker_init.send(sender=None)
+    assert ledger.done_cache.in_background is True
+    ledger.done_cache.finish(ledger.CacheWrites(task_id="held"), wait=False)
+    assert sent == []
+    signals.worker_process_shutdown.send(sender=None, pid=0, exitcode=0)
+    assert sent == [["held"]]
+
+
 def test_when_the_thread_falls_behind_an_execution_sends_its_own_writes() -> None:
     """A cache that hangs must not grow the queue without end: past ``QUEUED`` writes, the
     execution that ends sends its own, as it would without the thread."""
