@@ -15,10 +15,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
+from celery import Celery, signals
+from celery import Task as CeleryTask
+from celery.app.routes import MapRoute
+from celery.result import AsyncResult
+from celery.utils.nodenames import anon_nodename
+from celery.utils.saferepr import saferepr
 from celery.utils.time import maybe_make_aware
+from django.core.signals import setting_changed
 from django.utils import timezone
 from kombu import serialization
 from kombu.exceptions import EncodeError
+from kombu.utils.uuid import uuid
 
 from .conf import conf
 from .exceptions import PayloadNotSerializable, PayloadTooLarge, UnsupportedOption
@@ -93,6 +101,8 @@ class CapturingProducer:
     def __init__(self, task_name: str) -> None:
         self.task_name = task_name
         self.message: CapturedMessage | None = None
+        #: The first ``publish`` call's arguments as Celery passed them, for a ``Template``.
+        self.call: tuple[Any, dict[str, Any]] | None = None
 
     def publish(
         self,
@@ -108,6 +118,10 @@ class CapturingProducer:
     ) -> None:
         if self.message is not None:
             return
+        self.call = (body, dict(
+            exchange=exchange, routing_key=routing_key, serializer=serializer,
+            compression=compression, headers=headers, declare=declare, **properties,
+        ))  # fmt: skip
         name = self.task_name
         if serializer not in (None, SERIALIZER):
             raise UnsupportedOption(
@@ -166,6 +180,160 @@ class CapturingProducer:
 
     def revive(self, connection: Any) -> None:
         """Celery's callback retry path calls this; there is nothing to reconnect."""
+
+
+# -- plain calls, from a template --------------------------------------------------------------
+
+#: Counts Django's ``setting_changed`` signals: a template made before one is not used.
+_settings_generation = 0
+
+
+def forget_templates(**kwargs: Any) -> None:
+    """Make every task's next plain call go through Celery (and make a new template)."""
+    global _settings_generation
+    _settings_generation += 1
+
+
+setting_changed.connect(forget_templates, weak=False, dispatch_uid="reliable-tasks-templates")
+
+# What differs from one plain call's message to the next; the rest comes from the template.
+_PER_CALL_HEADERS = frozenset({"id", "root_id", "argsrepr", "kwargsrepr", "origin"})
+_PER_CALL_PROPERTIES = frozenset({"headers", "correlation_id", "reply_to"})
+# Headers a plain call's message leaves empty; one that holds a value was not a plain call.
+_EMPTY_IN_PLAIN_CALLS = (
+    "eta", "expires", "group", "group_index", "parent_id", "shadow", "retries",
+    "replaced_task_nesting", "stamped_headers", "stamps",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Template:
+    """A plain call's message as Celery built it, from which the next plain call's is made.
+
+    A plain call is ``task.delay(*args, **kwargs)`` or ``task.apply_async(args, kwargs)``
+    (``task_id`` allowed): no other option, outside a running task. Celery builds its message
+    from the task, the app's configuration and the call; from one plain call to the next only
+    the task id, the arguments and their display, the origin and the reply-to change. Celery's
+    build is most of an enqueue's own work (seven reads of its configuration through Django's
+    settings among it); from the template it is a dict copy and the arguments' display, while
+    ``usable()`` holds:
+
+    - the configuration is the one the template was made under: no ``setting_changed``
+      (``override_settings``) since, the same ``app.conf`` holding the same changes;
+    - the same router, routing by task name only (no router function, which sees arguments);
+    - nothing listens to Celery's publish signals or wraps ``Task.apply_async`` or
+      ``Celery.send_task`` (sentry-sdk's trace headers, other tracing): they see every call;
+    - no task runs in this thread (a child task takes its parent's ids and priority).
+
+    Otherwise Celery builds the message, as it always does.
+    """
+
+    headers: dict[str, Any]
+    #: What else Celery passed to ``publish``, but the per-call properties.
+    publish: dict[str, Any]
+    #: The body's third part: callbacks, errbacks, chain and chord, all None.
+    embed: dict[str, Any]
+    ignore_result: bool
+    repr_maxlevels: int
+    conf: Any
+    changes: tuple[tuple[str, Any], ...]
+    router: Any
+    routes: Any
+    generation: int
+
+    @classmethod
+    def of(cls, task: Any, capture: CapturingProducer) -> Template | None:
+        """The template of a plain call's captured message; None if it cannot be one."""
+        if capture.call is None or capture.message is None:
+            return None
+        body, call = capture.call
+        app = task.app
+        headers = call.get("headers") or {}
+        embed = body[2] if isinstance(body, tuple) and len(body) == 3 else None
+        if (
+            not isinstance(embed, dict)
+            or any(embed.values())
+            or any(headers.get(name) for name in _EMPTY_IN_PLAIN_CALLS)
+            or call.get("reply_to") != app.thread_oid
+            or type(task).shadow_name is not CeleryTask.shadow_name
+            or getattr(task, "_dump_pydantic_arguments", None) is not None
+            or not all(isinstance(route, MapRoute) for route in app.amqp.router.routes)
+            or not _celery_may_be_skipped(app)
+        ):
+            return None
+        return cls(
+            headers={k: v for k, v in headers.items() if k not in _PER_CALL_HEADERS},
+            publish={k: v for k, v in call.items() if k not in _PER_CALL_PROPERTIES},
+            embed=dict(embed),
+            ignore_result=bool(headers.get("ignore_result")),
+            repr_maxlevels=app.conf.task_repr_maxlevels,
+            conf=app.conf,
+            changes=tuple(app.conf.changes.items()),
+            router=app.amqp.router,
+            routes=app.amqp.router.routes,
+            generation=_settings_generation,
+        )
+
+    def usable(self, app: Any) -> bool:
+        conf = app.conf
+        if self.generation != _settings_generation or conf is not self.conf:
+            return False
+        changes = conf.changes
+        if len(changes) != len(self.changes) or any(
+            changes.get(k, changes) is not v for k, v in self.changes
+        ):
+            return False
+        router = app.amqp.router
+        return (
+            router is self.router and router.routes is self.routes and _celery_may_be_skipped(app)
+        )
+
+    def build(
+        self, task: Any, args: Any, kwargs: Any, task_id: str | None
+    ) -> tuple[AsyncResult[Any], CapturedMessage]:
+        """The call's result handle and message, as Celery's ``apply_async`` makes them."""
+        if task.typing:
+            check = getattr(task, "__header__", None)
+            if check is not None:
+                check(*(args or ()), **(kwargs or {}))  # a TypeError names the bad arguments
+        args = args or ()
+        kwargs = kwargs or {}
+        if not isinstance(args, list | tuple):
+            raise TypeError("task args must be a list or tuple")
+        if not isinstance(kwargs, Mapping):
+            raise TypeError("task keyword arguments must be a mapping")
+        task_id = task_id or uuid()
+        app = task.app
+        amqp = app.amqp
+        headers = dict(self.headers)
+        headers["id"] = headers["root_id"] = task_id
+        headers["argsrepr"] = saferepr(args, amqp.argsrepr_maxsize, maxlevels=self.repr_maxlevels)
+        headers["kwargsrepr"] = saferepr(
+            kwargs, amqp.kwargsrepr_maxsize, maxlevels=self.repr_maxlevels
+        )
+        headers["origin"] = anon_nodename()
+        capture = CapturingProducer(task.name)
+        if not self.ignore_result:
+            app.backend.on_task_call(capture, task_id)
+        capture.publish(
+            (args, kwargs, self.embed), headers=headers, correlation_id=task_id,
+            reply_to=app.thread_oid, **self.publish,
+        )  # fmt: skip
+        assert capture.message is not None  # publish keeps the first message or raises
+        result: AsyncResult[Any] = task.AsyncResult(task_id)
+        result.ignored = self.ignore_result
+        return result, capture.message
+
+
+def _celery_may_be_skipped(app: Any) -> bool:
+    """Nothing outside Celery's message building needs to see this call."""
+    return (
+        not signals.before_task_publish.receivers
+        and not signals.after_task_publish.receivers
+        and not hasattr(CeleryTask.apply_async, "__wrapped__")
+        and not hasattr(Celery.send_task, "__wrapped__")
+        and app.current_worker_task is None
+    )
 
 
 def write(message: CapturedMessage) -> None:

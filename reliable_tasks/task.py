@@ -87,6 +87,8 @@ class ReliableTask(Task[Any, Any]):
     key_func: KeyFunc | None = None
     retry_policy: RetryPolicy | None = None
     _signature: inspect.Signature | None = None
+    #: The last plain call's message, to build the next one's from (``outbox.Template``).
+    _template: outbox.Template | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -147,38 +149,46 @@ class ReliableTask(Task[Any, Any]):
                 "channel, and enqueueing through the outbox opens none. Use another result backend "
                 "(redis, a database) or ignore_result=True."
             )
+        plain = not options and link is None and link_error is None and shadow is None
+        template = self._template
+        if plain and template is not None and template.usable(self.app):
+            result, message = template.build(self, args, kwargs, task_id)
+            outbox.write(message)
+            return result
         # Celery's own apply_async decides: with task_always_eager it runs the task inline and
         # publishes nothing; otherwise the capturing producer keeps the message.
-        result, message = self._build(
+        result, capture = self._build(
             args, kwargs, task_id=task_id, link=link, link_error=link_error, shadow=shadow,
             **options,
         )  # fmt: skip
-        if message is None:
+        if capture.message is None:
             if self.app.conf.task_always_eager:
                 return result
             raise self._nothing_built()
-        outbox.write(message)
+        if plain:
+            self._template = outbox.Template.of(self, capture)
+        outbox.write(capture.message)
         return result
 
     def _capture(
         self, args: Any, kwargs: Any, **options: Any
     ) -> tuple[AsyncResult[Any], outbox.CapturedMessage]:
         """The message Celery's ``apply_async`` would publish, built but not sent."""
-        result, message = self._build(args, kwargs, **options)
-        if message is None:
+        result, capture = self._build(args, kwargs, **options)
+        if capture.message is None:
             raise self._nothing_built()
-        return result, message
+        return result, capture.message
 
     def _build(
         self, args: Any, kwargs: Any, **options: Any
-    ) -> tuple[AsyncResult[Any], outbox.CapturedMessage | None]:
-        """Celery's ``apply_async`` with a producer that keeps the message (None if Celery
-        sent none)."""
+    ) -> tuple[AsyncResult[Any], outbox.CapturingProducer]:
+        """Celery's ``apply_async`` with a producer that keeps the message (its ``message``
+        is None if Celery sent none)."""
         capture = outbox.CapturingProducer(self.name)
         result: AsyncResult[Any] = super().apply_async(
             args, kwargs, producer=cast(Any, capture), **options
         )
-        return result, capture.message
+        return result, capture
 
     def _nothing_built(self) -> ReliableTasksError:
         return ReliableTasksError(

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import inspect
 import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from celery import Celery, Task
 
+from reliable_tasks import outbox
 from reliable_tasks.relay import Relay
 from tests.support import ROOT, Broker, ProcessFactory, rabbitmqctl, service_reachable
 
@@ -107,3 +111,26 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if service_reachable(5672):
         with contextlib.suppress(OSError):
             Broker().delete_all()
+
+
+@pytest.fixture
+def celery_sends(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The task names Celery's ``send_task`` is called with during the test.
+
+    Celery's ``apply_async`` and ``send_task`` are used as Celery defines them: a tracing
+    integration that wrapped them in an earlier test (sentry-sdk's) is set aside here.
+    """
+    monkeypatch.setattr(Task, "apply_async", inspect.unwrap(Task.apply_async))
+    monkeypatch.setattr(Celery, "send_task", inspect.unwrap(Celery.send_task))
+    outbox.forget_templates()  # those of earlier tests
+    from tests.celery_app import app
+
+    original = app.send_task
+    sent: list[str] = []
+
+    def counting(name: str, *args: Any, **kwargs: Any) -> Any:
+        sent.append(name)
+        return original(name, *args, **kwargs)
+
+    monkeypatch.setattr(app, "send_task", counting)
+    return sent

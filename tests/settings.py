@@ -82,7 +82,8 @@ CACHES = {
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 CELERY_TASK_DEFAULT_QUEUE = os.environ["RT_TEST_QUEUE"]
 CELERY_TASK_ROUTES = {
-    "tests.testapp.tasks.routed": {"queue": os.environ["RT_TEST_QUEUE"] + ".routed"}
+    "tests.testapp.tasks.routed": {"queue": os.environ["RT_TEST_QUEUE"] + ".routed"},
+    "tests.testapp.tasks.with_options": {"priority": 3},
 }
 # Plain Celery publishing waits for RabbitMQ's confirms too (reliable_tasks.W004); the relay
 # confirms its batches on its own channel whatever this says.

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import decimal
+import functools
+import json
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from celery import chain, group
+from celery import Task, chain, group, signals
+from celery._state import _task_stack
 from django.db import transaction
 from django.test import override_settings
 from django.utils import timezone
 
 from reliable_tasks import PayloadNotSerializable, PayloadTooLarge, UnsupportedOption
 from reliable_tasks.models import OutboxMessage
+from reliable_tasks.outbox import ENQUEUED_AT_HEADER
 from tests.support import QUEUE, ROUTED_QUEUE
+from tests.testapp import tasks as testapp_tasks
 from tests.testapp.models import Effect
 from tests.testapp.tasks import record, routed
 
@@ -156,3 +164,160 @@ def test_the_rpc_result_backend_is_refused_with_what_to_use_instead() -> None:
     finally:
         app._local.backend = original
     assert OutboxMessage.objects.count() == 0
+
+
+# -- plain calls, built from a template ----------------------------------------------------------
+# A plain call (``delay(*args)``, no options, outside a running task) after the first one of its
+# task is built from a template of Celery's message instead of by Celery (``outbox.Template``).
+# These tests count the calls that reach Celery's ``send_task`` (the ``celery_sends`` fixture)
+# to tell the two paths apart.
+
+
+def _but_the_ids(row: OutboxMessage) -> dict[str, Any]:
+    """What two calls with the same arguments share: all but the task id and the enqueue time."""
+    per_call = {"id", "root_id", ENQUEUED_AT_HEADER}
+    return {
+        "task_name": row.task_name, "queue": row.queue, "exchange": row.exchange,
+        "routing_key": row.routing_key, "body": row.body, "content_type": row.content_type,
+        "content_encoding": row.content_encoding, "retries": row.retries, "status": row.status,
+        "headers": {k: v for k, v in row.headers.items() if k not in per_call},
+        "properties": {k: v for k, v in row.properties.items() if k != "correlation_id"},
+    }  # fmt: skip
+
+
+@contextlib.contextmanager
+def publish_receiver() -> Iterator[list[str]]:
+    """A receiver of Celery's ``before_task_publish``: the ids of the messages it saw."""
+    seen: list[str] = []
+
+    def receiver(headers: dict[str, Any], **kwargs: Any) -> None:
+        seen.append(headers["id"])
+
+    signals.before_task_publish.connect(receiver, weak=False)
+    try:
+        yield seen
+    finally:
+        signals.before_task_publish.disconnect(receiver)
+
+
+@pytest.mark.parametrize(
+    ("task_name", "args", "kwargs"),
+    [
+        (
+            "record",
+            ("plain",),
+            {"payload": {"nested": [1, "é\x00", None, 2.5], "deep": [[[["x"]]]]}},
+        ),
+        ("routed", ("through task_routes",), {}),
+        ("with_options", ("task-level options",), {"note": "x" * 3000}),
+    ],
+    ids=["default-queue", "task-routes", "task-options"],
+)
+def test_a_message_from_the_template_is_the_one_celery_builds(
+    celery_sends: list[str], task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    # By name: evaluating a task at collection time would finalize the Celery app too early.
+    task = getattr(testapp_tasks, task_name)
+    task.delay("first")  # Celery builds it; the template is made from it
+    from_template = task.apply_async(args, kwargs)
+    with publish_receiver() as seen:  # a receiver must see the call: Celery builds it
+        by_celery = task.apply_async(args, kwargs)
+    assert celery_sends == [task.name, task.name]
+    assert seen == [by_celery.id]
+    rows = {row.task_id: row for row in OutboxMessage.objects.all()}
+    made = rows[from_template.id]
+    assert _but_the_ids(made) == _but_the_ids(rows[by_celery.id])
+    assert made.headers["id"] == made.headers["root_id"] == from_template.id
+    assert made.properties["correlation_id"] == from_template.id
+    assert from_template.ignored == by_celery.ignored == task.ignore_result
+
+
+def test_a_changed_setting_is_honoured_by_the_next_call(celery_sends: list[str]) -> None:
+    def queues() -> dict[str, str]:
+        return {row.body: row.queue for row in OutboxMessage.objects.all()}
+
+    record.delay("a")
+    record.delay("b")
+    with override_settings(CELERY_TASK_DEFAULT_QUEUE=QUEUE + ".other"):
+        record.delay("c")
+        record.delay("d")
+    record.delay("e")
+    conf = record.app.conf
+    conf.task_default_queue = QUEUE + ".changed"  # in Celery's own configuration
+    try:
+        record.delay("f")
+    finally:
+        del conf.changes["task_default_queue"]
+    record.delay("g")
+    by_key = {json.loads(body)[0][0]: queue for body, queue in queues().items()}
+    assert by_key == {
+        "a": QUEUE, "b": QUEUE, "c": QUEUE + ".other", "d": QUEUE + ".other", "e": QUEUE,
+        "f": QUEUE + ".changed", "g": QUEUE,
+    }  # fmt: skip
+    assert len(celery_sends) == 5  # a, c, e, f, g: after each change Celery builds again
+
+
+def test_calls_with_options_or_from_a_running_task_go_through_celery(
+    celery_sends: list[str],
+) -> None:
+    record.delay("template")
+    record.apply_async(("countdown",), countdown=60)
+    record.apply_async(("headers",), headers={"tenant": "t1"})
+    parent = routed._get_current_object()
+    _task_stack.push(parent)
+    parent.push_request(id="parent-id", root_id="root-id", called_directly=False)
+    try:
+        child = record.delay("child")
+    finally:
+        parent.pop_request()
+        _task_stack.pop()
+    assert len(celery_sends) == 4
+    row = OutboxMessage.objects.get(task_id=child.id)
+    assert (row.headers["parent_id"], row.headers["root_id"]) == ("parent-id", "root-id")
+    assert OutboxMessage.objects.get(headers__tenant="t1").headers["argsrepr"] == "('headers',)"
+
+
+def test_wrong_arguments_are_refused_from_the_template_too(celery_sends: list[str]) -> None:
+    record.delay("a")
+    with pytest.raises(TypeError):
+        record.delay()
+    with pytest.raises(TypeError):
+        record.delay("a", "b", "c")
+    with pytest.raises(TypeError, match="must be a list or tuple"):
+        record.apply_async({"a": 1})  # one argument, but not in a tuple
+    with pytest.raises(PayloadNotSerializable, match=r"args\[0\]"):
+        record.delay(object())
+    assert celery_sends == [record.name]
+    assert OutboxMessage.objects.count() == 1
+
+
+def test_a_router_function_and_a_wrapper_of_apply_async_see_every_call(
+    celery_sends: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record.delay("template")
+    routed_args: list[Any] = []
+
+    def route(name: str, args: Any, kwargs: Any, options: Any, **kw: Any) -> None:
+        routed_args.append(args)
+
+    router = record.app.amqp.router
+    monkeypatch.setattr(router, "routes", [*router.routes, route])
+    record.delay("a")
+    record.delay("b")
+    assert routed_args == [("a",), ("b",)]
+
+    # Tracing libraries (sentry-sdk among them) wrap Celery's apply_async to add headers.
+    celery_apply_async = Task.apply_async
+
+    @functools.wraps(celery_apply_async)
+    def traced(self: Any, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        options["headers"] = {**(options.get("headers") or {}), "trace": "t-1"}
+        return celery_apply_async(self, args, kwargs, **options)
+
+    monkeypatch.undo()  # the router as it was; the template is usable again
+    celery_sends.clear()
+    monkeypatch.setattr(Task, "apply_async", traced)
+    record.delay("c")
+    record.delay("d")
+    traces = dict(OutboxMessage.objects.values_list("headers__argsrepr", "headers__trace"))
+    assert traces["('c',)"] == traces["('d',)"] == "t-1"

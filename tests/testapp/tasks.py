@@ -325,3 +325,10 @@ def leased_retry_with_other_args(self: ReliableTask, key: str, step: int = 0) ->
 def returns_a_set(key: str) -> object:
     Effect.objects.create(key=key)
     return {1, 2}  # JSON cannot carry a set: a link callback cannot take it as its argument
+
+
+@reliable_task(time_limit=30, soft_time_limit=20, ignore_result=True)
+def with_options(key: str, *, note: str = "") -> str:
+    """Options (its own, and a priority from task_routes) Celery writes into its every message."""
+    Effect.objects.create(key=key)
+    return key
