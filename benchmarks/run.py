@@ -328,6 +328,12 @@ def copy_outbox_rows(template_ids: list[int], count: int) -> None:
         "task_id": "t.new_id",
         "headers": "jsonb_set(jsonb_set(t.headers, '{id}', to_jsonb(t.new_id)), '{root_id}', to_jsonb(t.new_id))",
         "properties": "jsonb_set(t.properties, '{correlation_id}', to_jsonb(t.new_id))",
+        # The AMQP table of the same headers: the id's bytes replaced (a uuid's length does not
+        # change, so neither does the table's).
+        "header_table": (
+            "decode(replace(encode(t.header_table, 'hex'), encode(convert_to(t.task_id, 'UTF8'), "
+            "'hex'), encode(convert_to(t.new_id, 'UTF8'), 'hex')), 'hex')"
+        ),
         "status": "'pending'",
         "created_at": "now()",
         "due_at": "now()",

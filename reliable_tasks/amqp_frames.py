@@ -107,10 +107,24 @@ def _array(values: Sequence[Any], out: list[bytes]) -> None:
     out += (_LONG.pack(len(data)), data)
 
 
-def properties(spec: Sequence[tuple[str, str]], props: Mapping[str, Any]) -> bytes:
+def table(headers: Mapping[str, Any]) -> bytes | None:
+    """A header table as a content header carries it (its length first), or None where this
+    module does not write it. The outbox stores it at enqueue (``OutboxMessage.header_table``)."""
+    out: list[bytes] = []
+    try:
+        _table(headers, out)
+    except (Unsupported, struct.error):  # struct.error: an integer beyond 64 bits
+        return None
+    return b"".join(out)
+
+
+def properties(
+    spec: Sequence[tuple[str, str]], props: Mapping[str, Any], headers_table: bytes | None = None
+) -> bytes:
     """The property flags and list of a content header, as py-amqp's ``_serialize_properties``.
 
-    ``spec`` is the content class's property list (``amqp.Message.PROPERTIES``), in order.
+    ``spec`` is the content class's property list (``amqp.Message.PROPERTIES``), in order;
+    ``headers_table``, ``props["application_headers"]`` written already by ``table()``.
     Raises ``Unsupported`` for what this module does not write.
     """
     flags, bit = [], 15
@@ -129,7 +143,10 @@ def properties(spec: Sequence[tuple[str, str]], props: Mapping[str, Any]) -> byt
         if kind == "s":
             out.append(_shortstr(value or ""))
         elif kind == "F":
-            _table(value or {}, out)
+            if headers_table is not None and name == "application_headers":
+                out.append(headers_table)
+            else:
+                _table(value or {}, out)
         elif kind == "o" and type(value) is int and 0 <= value <= 255:
             out.append(bytes((value,)))
         elif kind == "L" and type(value) is int and 0 <= value < 2**64:
@@ -145,11 +162,16 @@ class Message(amqp.Message):
 
     ``content_header()`` writes it once, where the relay can tell a row whose header cannot be
     written (py-amqp raises ``struct.error`` for an integer beyond 64 bits) from a broker
-    failure; publishing then sends those bytes.
+    failure; publishing then sends those bytes. ``headers_table``: the application headers
+    written already (``table()``), sent as they are.
     """
 
-    __slots__ = ("_content_header",)
+    __slots__ = ("_content_header", "headers_table")
     _content_header: bytes
+
+    def __init__(self, *args: Any, headers_table: bytes | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.headers_table = headers_table
 
     def content_header(self) -> bytes:
         try:
@@ -157,7 +179,7 @@ class Message(amqp.Message):
         except AttributeError:
             pass
         try:
-            data = properties(self.PROPERTIES, self.properties)
+            data = properties(self.PROPERTIES, self.properties, self.headers_table)
         except Unsupported:
             data = super()._serialize_properties()  # type: ignore[misc]
         self._content_header = data

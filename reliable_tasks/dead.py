@@ -21,7 +21,7 @@ from django.utils import timezone
 from kombu import serialization
 from kombu.utils import json as kombu_json
 
-from . import log, signals
+from . import amqp_frames, log, signals
 from .conf import conf
 from .exceptions import ReliableTasksError
 from .models import DeadReason, DeadStatus, DeadTask, OutboxMessage, TaskAttempt
@@ -273,6 +273,7 @@ def _outbox_row(
         exchange=dead.exchange,
         routing_key=dead.routing_key,
         headers=headers,
+        header_table=amqp_frames.table(headers),
         properties=properties,
         body=body,
         content_type=content_type,

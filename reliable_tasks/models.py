@@ -27,6 +27,12 @@ class OutboxMessage(models.Model):
     exchange = models.CharField(max_length=255, blank=True)
     routing_key = models.CharField(max_length=255, blank=True)
     headers = models.JSONField()
+    header_table = models.BinaryField(
+        null=True,
+        editable=False,
+        help_text="The headers as an AMQP field table, written at enqueue; the relay sends it as "
+        "it is. Null when the relay writes it from the headers.",
+    )
     properties = models.JSONField()
     body = models.TextField()
     content_type = models.CharField(max_length=100)

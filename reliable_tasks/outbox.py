@@ -28,6 +28,7 @@ from kombu import serialization
 from kombu.exceptions import EncodeError
 from kombu.utils.uuid import uuid
 
+from . import amqp_frames
 from .conf import conf
 from .exceptions import PayloadNotSerializable, PayloadTooLarge, UnsupportedOption
 
@@ -67,6 +68,8 @@ class CapturedMessage:
     # ``headers`` and ``properties`` as JSON text, encoded once when they were checked.
     headers_json: str = ""
     properties_json: str = ""
+    #: ``headers`` as the AMQP field table the relay sends (None: the relay writes it).
+    header_table: bytes | None = None
 
     @property
     def retries(self) -> int:
@@ -176,6 +179,7 @@ class CapturingProducer:
             due_at=_due_at(headers.get("eta")),
             headers_json=headers_json,
             properties_json=properties_json,
+            header_table=amqp_frames.table(headers),
         )
 
     def revive(self, connection: Any) -> None:

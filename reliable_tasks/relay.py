@@ -45,7 +45,7 @@ PERSISTENT = 2
 # Columns the relay reads to publish a row, in the order of ``Row``.
 _ROW_FIELDS = (
     "id", "task_id", "task_name", "queue", "exchange", "routing_key", "headers",
-    "properties", "body", "content_type", "content_encoding", "publish_attempts",
+    "properties", "body", "content_type", "content_encoding", "publish_attempts", "header_table",
 )  # fmt: skip
 _OUTBOX = OutboxMessage._meta.db_table
 
@@ -88,6 +88,7 @@ class Row:
     content_type: str
     content_encoding: str
     publish_attempts: int
+    header_table: bytes | None = None
 
 
 @dataclass
@@ -292,7 +293,8 @@ class Publisher:
         priority = props.pop("priority", None)
         message = amqp_frames.Message(
             row.body, priority=priority, content_type=row.content_type,
-            content_encoding=row.content_encoding, application_headers=row.headers, **props,
+            content_encoding=row.content_encoding, application_headers=row.headers,
+            headers_table=row.header_table, **props,
         )  # fmt: skip
         # Written here, so a header AMQP cannot carry fails this row only, not the batch.
         message.content_header()
@@ -559,7 +561,8 @@ class Relay:
             fetched = cursor.fetchall()
         # Positions as in _ROW_FIELDS: 6 and 7 are the JSON columns.
         return [
-            Row(r[0], r[1], r[2], r[3], r[4], r[5], _json(r[6]), _json(r[7]), r[8], r[9], r[10], r[11])
+            Row(r[0], r[1], r[2], r[3], r[4], r[5], _json(r[6]), _json(r[7]), r[8], r[9], r[10], r[11],
+                None if r[12] is None else bytes(r[12]))
             for r in fetched
         ]  # fmt: skip
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from amqp import serialization as amqp_serialization
 from celery.app.task import Task
 from django.db import transaction
 from django.test import override_settings
@@ -69,6 +70,29 @@ def test_the_relayed_message_is_the_one_apply_async_would_publish(
     ):
         assert relayed.properties.get(prop) == direct.properties.get(prop), prop
     assert relayed.delivery_info["routing_key"] == direct.delivery_info["routing_key"] == QUEUE
+
+
+def test_the_header_table_stored_at_enqueue_is_py_amqps_and_a_row_without_one_publishes_alike(
+    broker: Broker, relay: Relay
+) -> None:
+    payload = {"nested": {"é": [1, 2.5, None, True, "x" * 300]}, "big": 2**40}
+    with transaction.atomic():
+        stored = record.delay("stored", payload=payload)
+        written_by_the_relay = record.delay("stored", payload=payload)
+    rows = {row.task_id: row for row in OutboxMessage.objects.all()}
+    for row in rows.values():
+        # The relay sends these bytes as the message's headers: the row's headers (in Celery's
+        # order; jsonb keeps its own), as py-amqp writes them.
+        table = bytes(row.header_table)
+        (decoded,), _ = amqp_serialization.loads("F", table, 0)
+        assert decoded == row.headers
+        assert amqp_serialization.dumps("F", [decoded]) == table
+    # A row written without its table (as rows from before it was stored): the relay writes it.
+    OutboxMessage.objects.filter(task_id=written_by_the_relay.id).update(header_table=None)
+    assert relay.drain() == 2
+    messages = {m.headers["id"]: m for m in broker.get_all(expect=2)}
+    for task_id in (stored.id, written_by_the_relay.id):
+        assert messages[task_id].headers == rows[task_id].headers
 
 
 def test_a_rolled_back_enqueue_is_never_published(broker: Broker, relay: Relay) -> None:

@@ -120,3 +120,22 @@ def test_py_amqp_still_asks_the_message_for_its_content_header() -> None:
 
     assert "content._serialize_properties()" in inspect.getsource(method_framing)
     assert amqp_frames.Message._serialize_properties is not amqp.Message._serialize_properties
+
+
+@given(headers=st.dictionaries(st.text(max_size=30), json_values, max_size=25))
+def test_a_table_written_at_enqueue_is_py_amqps_and_sent_as_it_is(headers: dict[str, Any]) -> None:
+    table = amqp_frames.table(headers)
+    assert table == amqp.serialization.dumps("F", [headers])
+    # The relay hands it over with the message: the content header is the same as without it.
+    stored = amqp_frames.Message(b"{}", application_headers=headers, headers_table=table)
+    assert (
+        stored.content_header()
+        == amqp.Message(b"{}", application_headers=headers)._serialize_properties()
+    )
+
+
+@pytest.mark.parametrize(
+    "headers", [{"n": 2**64}, {1: "a key that is not a string"}, {"d": Decimal("1.5")}]
+)
+def test_headers_the_fast_path_does_not_write_get_no_stored_table(headers: dict[Any, Any]) -> None:
+    assert amqp_frames.table(headers) is None
