@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import amqp
+import amqp.serialization
 
 _LONG = struct.Struct(">I")
 _INT = struct.Struct(">i")
@@ -118,6 +119,12 @@ def table(headers: Mapping[str, Any]) -> bytes | None:
     return b"".join(out)
 
 
+def read_table(data: bytes) -> dict[str, Any]:
+    """The headers a ``table()`` holds (py-amqp reads them)."""
+    (headers,), _ = amqp.serialization.loads("F", data, 0)
+    return cast(dict[str, Any], headers)
+
+
 def properties(
     spec: Sequence[tuple[str, str]], props: Mapping[str, Any], headers_table: bytes | None = None
 ) -> bytes:
@@ -132,7 +139,7 @@ def properties(
     out: list[bytes] = []
     for name, kind in spec:
         value = props.get(name)
-        if value is None:
+        if value is None and (headers_table is None or name != "application_headers"):
             bit -= 1
             continue
         if bit == 0:  # every 15 properties, a flag word of its own (bit 0 says "more")
@@ -181,6 +188,11 @@ class Message(amqp.Message):
         try:
             data = properties(self.PROPERTIES, self.properties, self.headers_table)
         except Unsupported:
+            if (
+                self.headers_table is not None
+                and self.properties.get("application_headers") is None
+            ):
+                self.properties["application_headers"] = read_table(self.headers_table)
             data = super()._serialize_properties()  # type: ignore[misc]
         self._content_header = data
         return data

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from amqp import serialization as amqp_serialization
+from celery import Celery
 from celery.app.task import Task
 from django.db import transaction
 from django.test import override_settings
@@ -93,6 +94,39 @@ def test_the_header_table_stored_at_enqueue_is_py_amqps_and_a_row_without_one_pu
     messages = {m.headers["id"]: m for m in broker.get_all(expect=2)}
     for task_id in (stored.id, written_by_the_relay.id):
         assert messages[task_id].headers == rows[task_id].headers
+
+
+def test_expires_becomes_the_ttl_counted_when_the_message_is_published(
+    broker: Broker, relay: Relay
+) -> None:
+    with transaction.atomic():
+        stored = record.apply_async(("ttl",), expires=300)
+        written_by_the_relay = record.apply_async(("ttl",), expires=300)
+    OutboxMessage.objects.filter(task_id=written_by_the_relay.id).update(header_table=None)
+    assert relay.drain() == 2
+    received = broker.get_all(expect=2)
+    assert {m.headers["id"] for m in received} == {stored.id, written_by_the_relay.id}
+    for message in received:  # the 'expires' header, in milliseconds from the publication
+        assert 280_000 <= int(message.properties["expiration"]) <= 300_000, message.headers["id"]
+
+
+def test_a_broker_without_confirms_gets_the_same_headers() -> None:
+    """kombu's virtual transports (the demo's embedded ``filesystem://``) have no confirms:
+    the relay publishes through a kombu producer, with the headers decoded from the table."""
+    app = Celery("memory-relay", broker="memory://", set_as_current=False)
+    with transaction.atomic():
+        ids = {record.delay("memory").id, record.delay("memory-from-json").id}
+    OutboxMessage.objects.filter(task_id__in=ids, body__contains="from-json").update(
+        header_table=None
+    )
+    with Relay(app) as memory_relay:
+        assert memory_relay.drain() == 2
+    with app.connection_for_read() as connection:
+        queue = connection.SimpleQueue(QUEUE)
+        received = [queue.get(timeout=5) for _ in ids]
+        queue.close()
+    stored = {row.task_id: row.headers for row in OutboxMessage.objects.all()}
+    assert {m.headers["id"]: m.headers for m in received} == stored
 
 
 def test_a_rolled_back_enqueue_is_never_published(broker: Broker, relay: Relay) -> None:

@@ -139,3 +139,12 @@ def test_a_table_written_at_enqueue_is_py_amqps_and_sent_as_it_is(headers: dict[
 )
 def test_headers_the_fast_path_does_not_write_get_no_stored_table(headers: dict[Any, Any]) -> None:
     assert amqp_frames.table(headers) is None
+
+
+def test_a_property_left_to_py_amqp_takes_the_stored_headers_along() -> None:
+    headers = {"id": "t-1", "retries": 0, "timelimit": [None, None]}
+    table = amqp_frames.table(headers)
+    # A bool where an integer goes: py-amqp writes it (as 1), this module leaves it to py-amqp.
+    stored = amqp_frames.Message(b"{}", timestamp=True, headers_table=table)
+    expected = amqp.Message(b"{}", timestamp=True, application_headers=headers)
+    assert stored.content_header() == expected._serialize_properties()
