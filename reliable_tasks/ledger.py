@@ -17,7 +17,6 @@ import logging
 import os
 import queue
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -548,18 +547,22 @@ class BackgroundWrites:
         self._queue: queue.Queue[CacheWrites | None] = queue.Queue(self.QUEUED)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # Ends the thread's linger early: a full batch waits, or a flush.
+        self._wake = threading.Event()
 
     def put(self, writes: CacheWrites) -> None:
         with self._lock:
             try:
                 if self._thread is None or not self._thread.is_alive():
                     thread = threading.Thread(
-                        target=self._run, args=(self._queue,), name="reliable_tasks-cache",
-                        daemon=True,
+                        target=self._run, args=(self._queue, self._wake),
+                        name="reliable_tasks-cache", daemon=True,
                     )  # fmt: skip
                     thread.start()
                     self._thread = thread
                 self._queue.put_nowait(writes)
+                if self._queue.qsize() >= self.BATCH:
+                    self._wake.set()
                 return
             except (RuntimeError, queue.Full):
                 pass  # no thread (interpreter shutting down), or the cache is not keeping up
@@ -573,28 +576,41 @@ class BackgroundWrites:
                 return
             # The thread stops at the end of its queue; later writes go to a new one.
             stop, self._queue, self._thread = self._queue, queue.Queue(self.QUEUED), None
+            wake, self._wake = self._wake, threading.Event()
         stop.put(None)
+        wake.set()
         thread.join(timeout)
 
-    def _run(self, pending: queue.Queue[CacheWrites | None]) -> None:
+    def _run(self, pending: queue.Queue[CacheWrites | None], wake: threading.Event) -> None:
         while True:
             first = pending.get()
-            batch = [] if first is None else [first]
             stop = first is None
-            deadline = time.monotonic() + self.LINGER
-            while not stop and len(batch) < self.BATCH:
-                try:
-                    writes = pending.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if writes is None:
-                    stop = True
-                else:
-                    batch.append(writes)
+            batch = [] if first is None else [first]
+            if not stop:
+                stop = self._take(pending, batch)
+            if not stop and len(batch) < self.BATCH:
+                # The writes that come meanwhile join the batch. They are taken when the linger
+                # ends, not one by one as they come: waking this thread for each would cost
+                # the executions more than the batch saves them.
+                wake.clear()
+                wake.wait(self.LINGER)
+                stop = self._take(pending, batch)
             if batch:
                 self._send(batch)  # never raises: failures are logged as a cache outage
             if stop:
                 return
+
+    def _take(self, pending: queue.Queue[CacheWrites | None], batch: list[CacheWrites]) -> bool:
+        """Move the queued writes into ``batch``, up to ``BATCH``; True at a flush's end mark."""
+        while len(batch) < self.BATCH:
+            try:
+                writes = pending.get_nowait()
+            except queue.Empty:
+                return False
+            if writes is None:
+                return True
+            batch.append(writes)
+        return False
 
 
 def _done_value(value: Any) -> tuple[str, Any] | None:
