@@ -8,6 +8,7 @@ from typing import Any
 
 import amqp
 import pytest
+from amqp import method_framing
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -148,3 +149,65 @@ def test_a_property_left_to_py_amqp_takes_the_stored_headers_along() -> None:
     stored = amqp_frames.Message(b"{}", timestamp=True, headers_table=table)
     expected = amqp.Message(b"{}", timestamp=True, application_headers=headers)
     assert stored.content_header() == expected._serialize_properties()
+
+
+class _Recording:
+    """Stands for py-amqp's connection and transport: keeps what is written."""
+
+    def __init__(self, frame_max: int) -> None:
+        self.frame_max = frame_max
+        self.bytes_sent = 0
+        self.written: list[bytes] = []
+        self.transport = self
+
+    def write(self, data: Any) -> None:
+        self.written.append(bytes(data))
+
+
+@given(
+    body=st.text(max_size=300) | st.binary(max_size=300),
+    headers=st.dictionaries(st.text(max_size=10), json_values, max_size=5),
+    exchange=st.text(max_size=20),
+    routing_key=st.text(max_size=40),
+    mandatory=st.booleans(),
+    frame_max=st.sampled_from([4096, 131072]),
+    send_at=st.sampled_from([amqp_frames.PublishWriter.SEND_AT, 1]),
+)
+@example(
+    body="x" * 10_000, headers={}, exchange="", routing_key="q", mandatory=True, frame_max=4096,
+    send_at=amqp_frames.PublishWriter.SEND_AT,
+)  # fmt: skip
+def test_a_batch_is_framed_as_py_amqp_frames_each_message(
+    body: str | bytes,
+    headers: dict[str, Any],
+    exchange: str,
+    routing_key: str,
+    mandatory: bool,
+    frame_max: int,
+    send_at: int,
+) -> None:
+    def message() -> amqp.Message:
+        return amqp_frames.Message(
+            body, content_type="application/json", content_encoding="utf-8",
+            application_headers=headers, correlation_id="t-1", delivery_mode=2,
+        )  # fmt: skip
+
+    theirs = _Recording(frame_max)
+    write_frame = method_framing.frame_writer(theirs, theirs)
+    args = amqp.serialization.dumps("Bssbb", (0, exchange, routing_key, mandatory, False))
+    for _ in range(2):
+        write_frame(1, 7, (60, 40), args, message())
+    ours = _Recording(frame_max)
+    writer = amqp_frames.PublishWriter(ours, 7)
+    writer.SEND_AT = send_at
+    for _ in range(2):
+        writer.add(message(), exchange, routing_key, mandatory)
+    held = send_at > 2 * (len(body) + 2000)  # both messages fit under SEND_AT
+    if held:
+        assert ours.written == []  # nothing goes before send()
+    writer.send()
+    assert b"".join(ours.written) == b"".join(theirs.written)
+    writes = len(ours.written)
+    assert writes == (1 if held else 2)
+    writer.send()  # nothing more to write
+    assert len(ours.written) == writes == ours.bytes_sent
