@@ -546,7 +546,7 @@ def _crash_loop(
     if not (request.delivery_info or {}).get("redelivered"):
         return False
     from . import dead
-    from .models import DeadReason, IdempotencyKey, LedgerState, TaskAttempt
+    from .models import DeadReason, DeadStatus, DeadTask, IdempotencyKey, LedgerState, TaskAttempt
 
     if (
         IdempotencyKey.objects.using(conf.DATABASE)
@@ -554,6 +554,14 @@ def _crash_loop(
         .exists()
     ):
         return False  # it finished, only its acknowledgement was lost: the duplicate path answers
+    if (
+        DeadTask.objects.using(conf.DATABASE)
+        .filter(task_id=str(request.id), reason=DeadReason.CRASH_LOOP, status=DeadStatus.DEAD)
+        .exists()
+    ):
+        # Dead already: another copy of the message (a relay that died before marking its
+        # row published it twice) or a delivery whose acknowledgement died with its worker.
+        return True
     Outcome = TaskAttempt.Outcome
     marked = interrupted is not False
     if interrupted:

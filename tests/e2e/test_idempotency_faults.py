@@ -239,8 +239,10 @@ def test_with_redis_stopped_tasks_still_run_once_and_the_fast_path_returns_after
     wait_for(
         lambda: len(observed("duplicate")) == 4, timeout=60, what="duplicates after Redis returned"
     )
-    # Redis came back empty: the first duplicate refills it from the database, the next hits it.
-    assert [o.cached for o in observed("duplicate")][2:] == [False, True]
+    # Redis came back empty: the first duplicate refills it from the database, the next hits
+    # it. (A write sent while Redis was down may land once it is back, redis-py retrying it with
+    # a backoff: the first duplicate then hits already.)
+    assert [o.cached for o in observed("duplicate")][2:] in ([False, True], [True, True])
     assert Effect.objects.filter(key="no-redis").count() == 1
     log = workers.log_of(worker)
     assert log.count("idempotency cache 'default' unavailable") == 1
