@@ -351,6 +351,21 @@ def test_redeliveries_count_towards_a_crash_loop_with_a_mark_at_once_without_one
     assert DeadTask.objects.get(task_id="unmarked").reason == "crash_loop"
 
 
+@override_settings(RELIABLE_TASKS_MAX_DELIVERIES=1)
+def test_a_task_dead_for_a_crash_loop_is_not_made_dead_again_by_another_copy() -> None:
+    """Two copies of one message (a relay that died before marking its row published it
+    twice), or a delivery whose acknowledgement died with its worker: one dead task."""
+    ledger.done_cache.start(write_then_fail.name, "twice", ledger.CacheWrites(task_id="twice"))
+    redeliver("twice")
+    assert DeadTask.objects.filter(task_id="twice").count() == 1
+    ledger.done_cache.start(write_then_fail.name, "twice", ledger.CacheWrites(task_id="twice"))
+    attempts = TaskAttempt.objects.filter(task_id="twice").count()
+    redeliver("twice")  # the other copy, after another crash
+    assert DeadTask.objects.filter(task_id="twice").count() == 1
+    assert TaskAttempt.objects.filter(task_id="twice").count() == attempts  # nor counted
+    assert not Effect.objects.filter(key="twice").exists()  # nor run
+
+
 def test_a_crash_is_counted_once_and_a_later_redelivery_without_a_new_crash_is_unmarked() -> None:
     """The mark a dead execution left goes once it was counted: it cannot make every later
     redelivery of the task id look like another crash."""
