@@ -2,7 +2,9 @@
 
 py-amqp writes a message's properties and its header table with one generic routine that
 tests each value against a list of types; a Celery message carries some twenty headers, and in
-the relay this is most of the CPU time a message costs. The relay's headers come from JSON, so
+the relay this was most of the CPU time a message cost. The header table is now written once,
+at enqueue (``table()``, stored with the outbox row), and the relay writes the rest of the
+content header around it. The relay's headers come from JSON, so
 their values are only ever strings, integers, floats, booleans, None, lists and dicts: this
 module writes exactly those, in the AMQP 0-9-1 field-table format (with RabbitMQ's type
 letters, as py-amqp uses them), and hands anything else back to py-amqp. A test checks the two

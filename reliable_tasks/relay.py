@@ -231,9 +231,9 @@ class Publisher:
     def _corked(self) -> Iterator[None]:
         """Hold back part-filled TCP segments while a batch is written (Linux's TCP_CORK).
 
-        py-amqp sends each message with a write of its own; corked, the kernel packs a batch
-        into full segments, which costs the relay and RabbitMQ far less per message. Uncorking
-        sends what is left, before the relay waits for the confirms.
+        The batch goes out in writes of ``PublishWriter.SEND_AT`` bytes; corked, the end of one
+        write and the start of the next share a segment instead of each leaving a short one.
+        Uncorking sends what is left, before the relay waits for the confirms.
         """
         sock = getattr(self.connection.connection, "sock", None)
         cork = getattr(socket, "TCP_CORK", None)
