@@ -353,7 +353,8 @@ def _execute_keyed(
         fingerprint = task.fingerprint(args, kwargs)
         # Celery's request context takes any attribute; the task reads the key back from it.
         cast(Any, task.request).idempotency_key = key
-        hit, interrupted = ledger.done_cache.start(task.name, key, writes)
+        redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
+        hit, interrupted = ledger.done_cache.start(task.name, key, writes, redelivered=redelivered)
         if hit is not None:
             stored_fingerprint, stored = hit
             return _duplicate(

@@ -169,6 +169,18 @@ def test_marks_count_executions_so_one_ending_leaves_the_other_marked() -> None:
     ledger.done_cache.finish(probe)
 
 
+def test_a_first_delivery_marks_itself_started_without_reading_the_marks() -> None:
+    """Only a redelivery has earlier deliveries to count; a first one still leaves its mark
+    for the redelivery that may follow it."""
+    first = ledger.CacheWrites(task_id="first")
+    assert ledger.done_cache.start(record.name, "k", first, redelivered=False) == (None, None)
+    again = ledger.CacheWrites(task_id="first")
+    assert ledger.done_cache.start(record.name, "k", again)[1] is True
+    assert again.seen == [first.token]
+    ledger.done_cache.finish(again)
+    ledger.done_cache.finish(first)
+
+
 @pytest.fixture
 def held_background(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     """Worker-process mode, with the background thread's sends held until the event is set."""
