@@ -311,10 +311,8 @@ class Template:
         amqp = app.amqp
         headers = dict(self.headers)
         headers["id"] = headers["root_id"] = task_id
-        headers["argsrepr"] = saferepr(args, amqp.argsrepr_maxsize, maxlevels=self.repr_maxlevels)
-        headers["kwargsrepr"] = saferepr(
-            kwargs, amqp.kwargsrepr_maxsize, maxlevels=self.repr_maxlevels
-        )
+        headers["argsrepr"] = display(args, amqp.argsrepr_maxsize, self.repr_maxlevels)
+        headers["kwargsrepr"] = display(kwargs, amqp.kwargsrepr_maxsize, self.repr_maxlevels)
         headers["origin"] = anon_nodename()
         capture = CapturingProducer(task.name)
         if not self.ignore_result:
@@ -327,6 +325,26 @@ class Template:
         result: AsyncResult[Any] = task.AsyncResult(task_id)
         result.ignored = self.ignore_result
         return result, capture.message
+
+
+#: Values whose ``repr`` is what Celery's ``saferepr`` writes for them (a test checks).
+_REPR_AS_SAFEREPR = frozenset({int, bool, float, type(None)})
+
+
+def display(value: Any, maxsize: int | None, maxlevels: int) -> str:
+    """The ``argsrepr`` / ``kwargsrepr`` header of a call: Celery's ``saferepr``.
+
+    The usual arguments (ids, counts, amounts; no keyword arguments) take ``repr``, which
+    writes the same text without ``saferepr``'s walk over the value.
+    """
+    kind = type(value)
+    if ((kind is tuple or kind is list) and all(type(v) in _REPR_AS_SAFEREPR for v in value)) or (
+        kind is dict and not value
+    ):
+        text = repr(value)
+        if maxsize is None or len(text) <= maxsize:
+            return text
+    return saferepr(value, maxsize, maxlevels=maxlevels)
 
 
 def _celery_may_be_skipped(app: Any) -> bool:
