@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -203,7 +204,7 @@ class Publisher:
                 try:
                     message = self._message(row)
                 except Exception as exc:  # noqa: BLE001 - one bad row must not stop the batch
-                    outcome.failed[row.id] = f"cannot build the message: {exc!r}"
+                    outcome.failed[row.id] = f"cannot build the message: {_unbuildable(exc)}"
                     continue
                 writer.add(message, row.exchange, row.routing_key, mandatory=True)
                 self._pending[self._next_tag] = row.id
@@ -407,6 +408,18 @@ class Waker:
 
 # --------------------------------------------------------------------------------------------
 # The relay
+
+
+def _unbuildable(exc: Exception) -> str:
+    """Why a row's message could not be built, for its ``last_error``."""
+    if isinstance(exc, struct.error):
+        # py-amqp packs header values with struct; its text differs between Python versions.
+        return (
+            "a header holds a value an AMQP header table cannot carry (an integer beyond 64 bits, "
+            f"or a name longer than 255 bytes): {exc}. Enqueue it with the value in the arguments "
+            "or as a string."
+        )
+    return repr(exc)
 
 
 class Relay:

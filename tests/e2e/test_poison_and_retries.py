@@ -105,6 +105,7 @@ def test_only_a_delivery_that_started_counts_towards_a_crash_loop(
     assert not DeadTask.objects.exists()
 
 
+@pytest.mark.postgres  # the outage is a cut proxy in front of PostgreSQL
 def test_a_message_put_back_while_the_database_is_down_runs_once_it_answers_and_is_not_lost(
     broker: Broker, processes: ProcessFactory, signal_env: dict[str, str]
 ) -> None:

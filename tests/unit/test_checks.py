@@ -90,6 +90,8 @@ def test_the_test_project_passes_its_own_checks() -> None:
     assert messages() == []
 
 
+# ``manage.py check`` runs the database checks too on Django 6 (on 5.2 only with --database).
+@pytest.mark.django_db
 def test_manage_py_check_passes_on_the_test_settings_even_at_warning_level() -> None:
     call_command("check", fail_level="WARNING", verbosity=0)
 
@@ -294,6 +296,7 @@ def test_eager_mode_under_a_test_runner_passes_w006(celery_conf: CeleryConf) -> 
     assert messages() == []
 
 
+@pytest.mark.django_db
 def test_w006_can_be_silenced_where_eager_mode_is_deliberate(
     celery_conf: CeleryConf, monkeypatch: pytest.MonkeyPatch
 ) -> None:
