@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install demo test test-postgres test-sqlite lint typecheck bench chaos docs services clean
+.PHONY: install demo test test-postgres test-sqlite lint typecheck bench chaos docs tox services clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,13 @@ chaos: install
 
 docs: install
 	$(BIN)/sphinx-build -q -W --keep-going -b html docs docs/_build/html
+
+# The whole Python x Django x database matrix (tox.ini). tox looks for python3.12 and python3.13
+# on PATH; pyenv's versions, where installed, are put there. `make tox ARGS="-e py313-django6-sqlite"`
+# runs one environment.
+PYENV_BINS := $(shell ls -d $(HOME)/.pyenv/versions/3.1[23].*/bin 2>/dev/null | tr '\n' ':')
+tox: install
+	PATH="$(PYENV_BINS)$$PATH" $(BIN)/tox $(ARGS)
 
 services:
 	scripts/ensure-services
