@@ -2,11 +2,11 @@
 
 A new key is claimed with one insert. A key that exists goes to an upsert, which takes over
 a lease-mode key whose lease expired; when someone else holds the key, or it is done, the
-upsert changes nothing and a read tells the caller what there is. In atomic mode the claim writes the key "done" in
-the task's own transaction, which commits it with the task's writes or rolls it back with them:
-a concurrent duplicate waits on the key's unique index, then finds it done or claims it. The
-Django cache remembers done keys so that a duplicate usually costs no database round trip; the
-database stays the truth.
+upsert changes nothing and a read tells the caller what there is. In atomic mode the claim
+writes the key "done" in the task's own transaction, which commits it with the task's writes
+or rolls it back with them: a concurrent duplicate waits on the key's unique index, then finds
+it done or claims it. The Django cache remembers done keys so that a duplicate usually costs no
+database round trip; the database stays the truth.
 """
 
 from __future__ import annotations

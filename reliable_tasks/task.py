@@ -365,7 +365,8 @@ def _execute_keyed(
                 ledger.decode_result(stored),
                 cached=True,
             )
-        if _crash_loop(task, key, args, kwargs, interrupted, writes):
+        # Only a redelivery pays for crash-loop counting: a first delivery costs nothing extra.
+        if redelivered and _crash_loop(task, key, args, kwargs, interrupted, writes):
             raise Ignore(f"dead task: delivered {conf.MAX_DELIVERIES} times without an outcome")
         return _claim_and_run(task, key, fingerprint, args, kwargs)
     except _CONTROL_FLOW:
@@ -533,19 +534,16 @@ def _crash_loop(
     interrupted: bool | None,
     writes: CacheWrites,
 ) -> bool:
-    """On a redelivery, count the deliveries that ended without an outcome; dead after too many.
+    """A redelivery: count the deliveries that ended without an outcome; dead after too many.
 
     ``interrupted`` says whether an earlier delivery started and did not end (the cache's mark;
     None when the cache cannot say). Such a redelivery is recorded as ``lost``, and
     ``RELIABLE_TASKS_MAX_DELIVERIES`` of them make the task dead. A redelivery without a mark
     (the worker that died had only prefetched it, or it died after the execution ended) is
     recorded as ``redelivered``; the cache is never the truth, so these count too, against
-    ``UNMARKED_REDELIVERIES_FACTOR`` times the limit. Only redelivered messages pay for this:
-    a first delivery costs nothing extra.
+    ``UNMARKED_REDELIVERIES_FACTOR`` times the limit.
     """
     request = task.request
-    if not (request.delivery_info or {}).get("redelivered"):
-        return False
     from . import dead
     from .models import DeadReason, DeadStatus, DeadTask, IdempotencyKey, LedgerState, TaskAttempt
 
