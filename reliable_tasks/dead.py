@@ -122,8 +122,14 @@ def capture(
     kwargs: dict[str, Any],
     idempotency_key: str,
     exc: BaseException | None = None,
+    attempt_count: int | None = None,
+    first_failed_at: datetime | None = None,
 ) -> DeadTask:
-    """Store a task call that failed for good, with its attempts (call it inside a transaction)."""
+    """Store a task call that failed for good, with its attempts (call it inside a transaction).
+
+    ``attempt_count`` and ``first_failed_at`` are the task's own, where the caller knows them:
+    the attempts kept on record are only the latest ``RELIABLE_TASKS_MAX_RECORDED_ATTEMPTS``.
+    """
     attempts = attempts_of(message.task_id)
     now = timezone.now()
     first = attempts[0]["started_at"] or attempts[0]["ended_at"] if attempts else None
@@ -145,8 +151,8 @@ def capture(
         exc_type=qualname(exc) if exc is not None else "",
         exc_message=truncate(str(exc), MAX_MESSAGE) if exc is not None else "",
         attempts=attempts,
-        attempt_count=len(attempts),
-        first_failed_at=first or now,
+        attempt_count=max(attempt_count or 0, len(attempts)),
+        first_failed_at=first_failed_at or first or now,
         last_failed_at=now,
     )
     _announce(dead, exc)

@@ -493,6 +493,8 @@ def _failed(
                     kwargs=kwargs,
                     idempotency_key=key,
                     exc=cause,
+                    attempt_count=attempt,
+                    first_failed_at=first,
                 )
     except (OperationalError, InterfaceError) as db_exc:
         _database_down(task, db_exc)

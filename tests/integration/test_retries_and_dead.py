@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from reliable_tasks import dead, ledger, testing
 from reliable_tasks.models import DeadTask, IdempotencyKey, OutboxMessage, TaskAttempt
 from tests.testapp.models import Effect
 from tests.testapp.tasks import (
+    GatewayTimeout,
     autoretrying,
     celery_style_retry,
     charge,
@@ -55,10 +57,19 @@ def test_a_failed_attempt_writes_its_record_and_the_next_attempt_due_after_the_b
 
 
 def test_retries_exhausted_make_a_dead_task_with_every_attempt() -> None:
+    before = timezone.now()
     pay.apply_async((2,), {"outcome": "timeout"})
     with pytest.raises(Exception, match="gateway timed out for order 2"):
         testing.run_enqueued()
+    after = timezone.now()
     [task] = DeadTask.objects.all()
+    # Each attempt says where and when it ran; the dead task, when it failed first and last.
+    for attempt in task.attempts:
+        assert attempt["worker"]
+        started, ended = (dt.datetime.fromisoformat(attempt[k]) for k in ("started_at", "ended_at"))
+        assert before <= started <= ended <= after
+    assert task.first_failed_at == dt.datetime.fromisoformat(task.attempts[0]["started_at"])
+    assert task.first_failed_at < task.last_failed_at <= after
     assert task.reason == "exhausted"
     assert task.task_name == pay.name
     assert task.args == [2]
@@ -69,6 +80,44 @@ def test_retries_exhausted_make_a_dead_task_with_every_attempt() -> None:
     assert all("GatewayTimeout" in a["traceback"] for a in task.attempts)
     assert task.status == "dead"
     assert testing.enqueued() == []
+
+
+def test_an_error_message_and_traceback_are_kept_within_their_bounds() -> None:
+    outcome = pay.apply((4,), {"outcome": "huge-error"})
+    assert outcome.failed()
+    [attempt] = TaskAttempt.objects.all()
+    assert dead.MAX_MESSAGE - 20 < len(attempt.message) <= dead.MAX_MESSAGE
+    assert attempt.message.startswith("declined: xxx")
+    assert attempt.message.endswith("... (truncated)")
+    assert dead.MAX_TRACEBACK - 20 < len(attempt.traceback) <= dead.MAX_TRACEBACK
+    assert attempt.traceback.startswith("Traceback (most recent call last)")
+    assert attempt.traceback.endswith("... (truncated)")
+    task = DeadTask.objects.get()
+    assert task.exc_message == attempt.message
+    assert task.attempts[0]["message"] == attempt.message
+
+
+def test_a_task_without_a_policy_follows_the_projects_default() -> None:
+    policy = {"max_attempts": 2, "base": 1.0, "cap": 1.0, "jitter": "none"}
+    with override_settings(RELIABLE_TASKS_RETRY_POLICY=policy):
+        write_then_fail.delay("default-policy")
+        with pytest.raises(ValueError, match="default-policy failed after its write"):
+            testing.run_enqueued()
+    task = DeadTask.objects.get()
+    assert (task.reason, task.attempt_count) == ("exhausted", 2)
+    # Every attempt's write rolled back with it (atomic mode).
+    assert not Effect.objects.exists()
+
+
+def test_a_broken_default_policy_is_logged_and_the_built_in_one_used(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with override_settings(RELIABLE_TASKS_RETRY_POLICY={"max_attempts": 0}):
+        outcome = write_then_fail.apply(("broken-policy",))
+    assert outcome.state == "RETRY"  # RetryPolicy(): five attempts, so this one is retried
+    assert "RELIABLE_TASKS_RETRY_POLICY is not a valid RetryPolicy" in caplog.text
+    assert "using RetryPolicy() meanwhile" in caplog.text
+    assert OutboxMessage.objects.get().headers["retries"] == 1
 
 
 def test_a_give_up_exception_makes_the_task_dead_at_once() -> None:
@@ -193,13 +242,89 @@ def test_an_undecodable_dead_task_cannot_be_requeued() -> None:
         dead.requeue(task)
 
 
+def test_the_retry_dead_and_requeue_signals_carry_what_they_document() -> None:
+    from reliable_tasks import signals
+
+    seen: list[tuple[str, dict[str, object]]] = []
+
+    def receiver(name: str) -> Callable[..., None]:
+        def receive(sender: object, **kwargs: object) -> None:
+            seen.append((name, {"sender": sender, **kwargs}))
+
+        return receive
+
+    receivers = {n: receiver(n) for n in ("task_retried", "task_dead", "task_requeued")}
+    for name, receive in receivers.items():
+        getattr(signals, name).connect(receive)
+    try:
+        task = _dead_pay(51)
+        row = dead.requeue(task, user="ops")
+    finally:
+        for name, receive in receivers.items():
+            getattr(signals, name).disconnect(receive)
+    assert [name for name, _ in seen] == [
+        "task_retried",
+        "task_retried",
+        "task_dead",
+        "task_requeued",
+    ]
+    retried = [kwargs for name, kwargs in seen if name == "task_retried"]
+    assert [k["attempt"] for k in retried] == [1, 2]
+    assert all(k["task_id"] == task.task_id and k["task"].name == pay.name for k in retried)
+    assert all(isinstance(k["exc"], GatewayTimeout) and 0 <= k["delay"] <= 10 for k in retried)  # type: ignore[operator]
+    _, died = seen[2]
+    assert died["sender"] is DeadTask
+    assert died["dead_task"].pk == task.pk  # type: ignore[attr-defined]
+    assert isinstance(died["exc"], GatewayTimeout)
+    _, requeued = seen[3]
+    assert (requeued["dead_task"].pk, requeued["outbox_id"], requeued["user"]) == (
+        task.pk,
+        row.pk,
+        "ops",
+    )  # type: ignore[attr-defined]
+
+
+@pytest.mark.postgres
+def test_a_failed_attempt_whose_retry_cannot_be_written_leaves_no_record() -> None:
+    """The attempt's record and the retry's outbox row commit together, or neither does."""
+    from django.db import DatabaseError, connection
+
+    table = OutboxMessage._meta.db_table
+    with connection.cursor() as cursor:
+        # The database refuses the retry's row: the attempt's record, written first in the
+        # same transaction, must roll back with it.
+        cursor.execute(
+            "CREATE FUNCTION rt_test_refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'outbox refused by the test'; END $$"
+        )
+        cursor.execute(
+            f"CREATE TRIGGER rt_test_refuse BEFORE INSERT ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION rt_test_refuse()"
+        )
+    try:
+        with pytest.raises(DatabaseError, match="outbox refused by the test"):
+            pay.apply((61,), {"outcome": "timeout"}, task_id="pay-61", throw=True)
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP TRIGGER rt_test_refuse ON {table}")
+            cursor.execute("DROP FUNCTION rt_test_refuse()")
+    assert not TaskAttempt.objects.exists()
+    assert not OutboxMessage.objects.exists()
+    assert not DeadTask.objects.exists()
+
+
 def test_only_the_latest_attempts_are_kept() -> None:
     with override_settings(RELIABLE_TASKS_MAX_RECORDED_ATTEMPTS=2):
         pay.delay(21, outcome="timeout")
         with pytest.raises(Exception, match="timed out"):
             testing.run_enqueued()
     assert list(TaskAttempt.objects.values_list("number", flat=True)) == [2, 3]
-    assert [a["number"] for a in DeadTask.objects.get().attempts] == [2, 3]
+    dead_task = DeadTask.objects.get()
+    assert [a["number"] for a in dead_task.attempts] == [2, 3]
+    # The counts and times are the task's own, not those of the attempts kept on record.
+    assert dead_task.attempt_count == 3
+    kept_first = min(a.started_at for a in TaskAttempt.objects.all())
+    assert dead_task.first_failed_at < kept_first
 
 
 def test_prune_removes_acted_on_dead_tasks_and_old_attempts_but_keeps_dead_ones() -> None:

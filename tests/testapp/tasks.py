@@ -159,6 +159,9 @@ def pay(self: ReliableTask, order_id: int, outcome: str = "ok") -> str:
         raise CardDeclined(f"card declined for order {order_id}")
     if outcome == "bug":
         raise KeyError("a programming error, not worth a retry")
+    if outcome == "huge-error":
+        # A give-up error whose message, and so its traceback, is beyond what a record keeps.
+        raise CardDeclined("declined: " + "x" * 20_000)
     if outcome == "retry-after":
         raise Retry(delay=30, reason="the gateway said Retry-After: 30")
     if outcome == "fail-once":

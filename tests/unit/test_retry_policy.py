@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 
@@ -73,6 +74,34 @@ def test_equal_jitter_averages_three_quarters_of_the_step() -> None:
     rng = random.Random(7)
     delays = [backoff(4, base=1.0, cap=100.0, jitter="equal", rng=rng) for _ in range(20_000)]
     assert statistics.fmean(delays) == pytest.approx(6.0, rel=0.02)
+
+
+def test_decorrelated_jitter_is_uniform_between_base_and_three_times_the_previous_wait() -> None:
+    rng = random.Random(7)
+    delays = [
+        backoff(5, base=2.0, cap=1000.0, jitter="decorrelated", previous=10.0, rng=rng)
+        for _ in range(20_000)
+    ]
+    # Uniform on [2, 30]: mean 16, variance 28² / 12.
+    assert statistics.fmean(delays) == pytest.approx(16.0, rel=0.02)
+    assert statistics.pvariance(delays) == pytest.approx(28**2 / 12, rel=0.05)
+    # A chain of waits, each fed the one before, reaches the cap and stays within it.
+    wait, chain = 1.0, []
+    for attempt in range(1, 40):
+        wait = backoff(attempt, base=1.0, cap=60.0, jitter="decorrelated", previous=wait, rng=rng)
+        chain.append(wait)
+    assert max(chain) > 30.0
+    assert all(1.0 <= w <= 60.0 for w in chain)
+
+
+def test_a_policy_is_frozen_and_takes_keywords_only() -> None:
+    policy = RetryPolicy(max_attempts=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.max_attempts = 4  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        RetryPolicy(3)  # type: ignore[misc]
+    assert policy == RetryPolicy(max_attempts=3)
+    assert hash(policy) == hash(RetryPolicy(max_attempts=3))
 
 
 def test_the_same_seed_gives_the_same_waits() -> None:
