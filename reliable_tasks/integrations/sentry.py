@@ -125,24 +125,31 @@ def report_dead_task(dead_task: DeadTask, exc: BaseException | None = None) -> s
     The fingerprint is the task name and the exception class (the reason when there is no
     exception), so every dead task of one failure is one Sentry issue. Arguments are included
     only when the client allows it (``data_collection={"queues": True}``, or
-    ``send_default_pii`` when ``data_collection`` is not set). With ``exc`` (the last
+    ``send_default_pii`` when ``data_collection`` is not set); otherwise the stack trace goes
+    without its frames' local variables, where the arguments are too. With ``exc`` (the last
     attempt's exception) the event carries its stack trace; the stored traceback text of the
     last attempt is in the ``reliable_tasks`` context either way.
     """
     client = sentry_sdk.get_client()
     task_name = dead_task.task_name or "(unknown task)"
+    with_arguments = _sends_arguments(client)
     with sentry_sdk.new_scope() as scope:
         scope.set_level("error")
         scope.fingerprint = [task_name, dead_task.exc_type or dead_task.reason]
         for name, value in _tags(dead_task, task_name).items():
             scope.set_tag(f"{CATEGORY}.{name}", value)
-        scope.set_context(CONTEXT, _context(dead_task, _sends_arguments(client)))
+        scope.set_context(CONTEXT, _context(dead_task, with_arguments))
         if exc is not None:
             event, hint = event_from_exception(
                 exc,
                 client_options=client.options,
                 mechanism={"type": "reliable_tasks", "handled": False},
             )
+            if not with_arguments:
+                # The task's frames hold its arguments as local variables: not sent either.
+                for raised in event.get("exception", {}).get("values", []):
+                    for frame in (raised.get("stacktrace") or {}).get("frames", []):
+                        frame.pop("vars", None)
             return sentry_sdk.capture_event(event, hint=hint)
         message = f"dead task {task_name}: {dead_task.get_reason_display()}"
         if dead_task.exc_type:

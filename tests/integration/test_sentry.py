@@ -229,11 +229,16 @@ def test_task_arguments_are_sent_only_when_the_project_allows_pii(
     pay.apply((8,), {"outcome": "declined"})
     [event] = sent.events
     context = event["contexts"]["reliable_tasks"]
+    frames = [f for e in event["exception"]["values"] for f in e["stacktrace"]["frames"]]
+    pay_frame = next(f for f in frames if f["function"] == "pay")
     if allowed:
         assert (context["args"], context["kwargs"]) == ([8], {"outcome": "declined"})
+        assert pay_frame["vars"]["order_id"] == "8"
     else:
         assert "args" not in context
         assert "kwargs" not in context
+        # The task's frames, whose local variables are its arguments, go without them.
+        assert not any(f.get("vars") for f in frames)
 
 
 def test_duplicates_and_requeues_leave_breadcrumbs(init_sentry: InitSentry) -> None:
