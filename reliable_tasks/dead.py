@@ -97,21 +97,28 @@ def prune(*, limit: int, now: datetime | None = None) -> int:
     """Delete up to ``limit`` requeued or discarded dead tasks and attempt records past
     ``RELIABLE_TASKS_DEAD_TASK_RETENTION``. Dead tasks nobody acted on are kept.
     """
-    cutoff = (now or timezone.now()) - conf.DEAD_TASK_RETENTION
-    tasks = DeadTask.objects.using(conf.DATABASE)
-    ids = list(
-        tasks.filter(
-            status__in=[DeadStatus.REQUEUED, DeadStatus.DISCARDED], status_changed_at__lt=cutoff
-        ).values_list("pk", flat=True)[:limit]
-    )
-    deleted = tasks.filter(pk__in=ids).delete()[0] if ids else 0
-    attempts = TaskAttempt.objects.using(conf.DATABASE)
-    old = list(
-        attempts.filter(ended_at__lt=cutoff).values_list("pk", flat=True)[: max(0, limit - deleted)]
-    )
-    if old:
-        deleted += attempts.filter(pk__in=old).delete()[0]
+    deleted = 0
+    for old in _prunable(now):
+        if deleted < limit:
+            ids = list(old.values_list("pk", flat=True)[: limit - deleted])
+            if ids:
+                deleted += old.model.objects.using(conf.DATABASE).filter(pk__in=ids).delete()[0]
     return deleted
+
+
+def prunable(*, now: datetime | None = None) -> int:
+    """How many rows ``prune`` would delete in all."""
+    return sum(old.count() for old in _prunable(now))
+
+
+def _prunable(now: datetime | None) -> tuple[QuerySet[DeadTask], QuerySet[TaskAttempt]]:
+    cutoff = (now or timezone.now()) - conf.DEAD_TASK_RETENTION
+    return (
+        DeadTask.objects.using(conf.DATABASE).filter(
+            status__in=[DeadStatus.REQUEUED, DeadStatus.DISCARDED], status_changed_at__lt=cutoff
+        ),
+        TaskAttempt.objects.using(conf.DATABASE).filter(ended_at__lt=cutoff),
+    )
 
 
 def capture(

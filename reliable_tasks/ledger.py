@@ -267,21 +267,28 @@ def prune(*, limit: int, now: datetime | None = None) -> int:
 
     Done keys count from their completion; abandoned running keys from their lease's end.
     """
-    cutoff = (now or timezone.now()) - conf.IDEMPOTENCY_RETENTION
-    keys = IdempotencyKey.objects.using(conf.DATABASE)
-    ids = list(
-        keys.filter(state=LedgerState.DONE, completed_at__lt=cutoff).values_list("pk", flat=True)[
-            :limit
-        ]
-    )
-    if len(ids) < limit:
-        ids += keys.filter(state=LedgerState.RUNNING, lease_expires_at__lt=cutoff).values_list(
-            "pk", flat=True
-        )[: limit - len(ids)]
+    ids: list[int] = []
+    for expired in _prunable(now):
+        if len(ids) < limit:
+            ids += expired.values_list("pk", flat=True)[: limit - len(ids)]
     if not ids:
         return 0
-    deleted, _ = keys.filter(pk__in=ids).delete()
+    deleted, _ = IdempotencyKey.objects.using(conf.DATABASE).filter(pk__in=ids).delete()
     return deleted
+
+
+def prunable(*, now: datetime | None = None) -> int:
+    """How many keys ``prune`` would delete in all (counted over the ledger's indexes)."""
+    return sum(expired.count() for expired in _prunable(now))
+
+
+def _prunable(now: datetime | None) -> tuple[Any, Any]:
+    cutoff = (now or timezone.now()) - conf.IDEMPOTENCY_RETENTION
+    keys = IdempotencyKey.objects.using(conf.DATABASE)
+    return (
+        keys.filter(state=LedgerState.DONE, completed_at__lt=cutoff),
+        keys.filter(state=LedgerState.RUNNING, lease_expires_at__lt=cutoff),
+    )
 
 
 # --------------------------------------------------------------------------------------------

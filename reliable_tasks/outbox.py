@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from celery import Celery, signals
 from celery import Task as CeleryTask
@@ -31,6 +31,11 @@ from kombu.utils.uuid import uuid
 from . import amqp_frames
 from .conf import conf
 from .exceptions import PayloadNotSerializable, PayloadTooLarge, UnsupportedOption
+
+if TYPE_CHECKING:
+    from django.db.models import QuerySet
+
+    from .models import OutboxMessage
 
 SERIALIZER = "json"
 
@@ -568,16 +573,23 @@ def _human(size: int) -> str:
 
 def prune(*, limit: int, now: datetime | None = None) -> int:
     """Delete up to ``limit`` dispatched rows older than ``RELIABLE_TASKS_OUTBOX_RETENTION``."""
+    expired = _prunable(now)
+    ids = list(expired.order_by("dispatched_at").values_list("pk", flat=True)[:limit])
+    if not ids:
+        return 0
+    deleted, _ = expired.model.objects.using(conf.DATABASE).filter(pk__in=ids).delete()
+    return deleted
+
+
+def prunable(*, now: datetime | None = None) -> int:
+    """How many rows ``prune`` would delete in all (counted over the dispatched rows' index)."""
+    return _prunable(now).count()
+
+
+def _prunable(now: datetime | None) -> QuerySet[OutboxMessage]:
     from .models import OutboxMessage, OutboxStatus
 
     cutoff = (now or timezone.now()) - conf.OUTBOX_RETENTION
-    messages = OutboxMessage.objects.using(conf.DATABASE)
-    ids = list(
-        messages.filter(status=OutboxStatus.DISPATCHED, dispatched_at__lt=cutoff)
-        .order_by("dispatched_at")
-        .values_list("pk", flat=True)[:limit]
+    return OutboxMessage.objects.using(conf.DATABASE).filter(
+        status=OutboxStatus.DISPATCHED, dispatched_at__lt=cutoff
     )
-    if not ids:
-        return 0
-    deleted, _ = messages.filter(pk__in=ids).delete()
-    return deleted

@@ -52,6 +52,7 @@ class Profile:
     duplicate_bursts: int
     duplicates_per_burst: int
     drain_timeout: float  # after the last enqueue and the last fault
+    time_budget: float  # the whole run, from start to the checks
 
     @property
     def kill_mean(self) -> float:
@@ -62,13 +63,13 @@ FULL = Profile(
     name="full", tasks=10_000, poison_each=5, workers=3, concurrency=2, relays=2, enqueue_seconds=120.0,
     fault_window=150.0, first_fault=3.0, worker_kill_every=(4.0, 8.0), relay_kills=2,
     rabbitmq_restarts=2, rabbitmq_down=5.0, redis_down=20.0, duplicate_bursts=5,
-    duplicates_per_burst=60, drain_timeout=380.0,
+    duplicates_per_burst=60, drain_timeout=380.0, time_budget=600.0,
 )  # fmt: skip
 SMALL = Profile(
     name="small", tasks=600, poison_each=2, workers=3, concurrency=2, relays=2, enqueue_seconds=12.0,
     fault_window=28.0, first_fault=2.0, worker_kill_every=(3.0, 6.0), relay_kills=1,
     rabbitmq_restarts=2, rabbitmq_down=1.0, redis_down=5.0, duplicate_bursts=3,
-    duplicates_per_burst=20, drain_timeout=60.0,
+    duplicates_per_burst=20, drain_timeout=60.0, time_budget=120.0,
 )  # fmt: skip
 PROFILES = {p.name: p for p in (FULL, SMALL)}
 

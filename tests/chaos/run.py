@@ -493,6 +493,10 @@ def verify(
         counts_in_queue = queue_counts(names.queue)
     exited = fleet.exited()
 
+    def duplicate_answers() -> int:
+        # Deliveries that found their key done and ran nothing (a raw duplicate is one).
+        return Observed.objects.filter(kind="duplicate").count()
+
     def listing(items: list[Any]) -> str:
         shown = ", ".join(map(str, items[:5]))
         return f"{len(items)}: {shown}{' ...' if len(items) > 5 else ''}" if items else ""
@@ -510,6 +514,7 @@ def verify(
         Check("queue drained (nothing ready or unacknowledged)", counts_in_queue == (0, 0), f"{counts_in_queue}"),
         Check("no lease left held (no running key with a live lease)", live_leases == 0, f"{live_leases} live"),
         Check("relays and workers still running", not exited, ", ".join(exited)),
+        Check("raw duplicates sent, each answered without running", 0 < injector.duplicates_sent <= duplicate_answers(), f"{injector.duplicates_sent} sent, {duplicate_answers()} answered"),
     ]  # fmt: skip
 
     snap = metrics.snapshot()
@@ -701,6 +706,13 @@ def main(profile: plan.Profile, seed: int, names: Names, keep: bool = False) -> 
             "drain": None if drained_at is None else max(0.0, drained_at - quiet_since),
             "total": time.monotonic() - started,
         }
+        findings.checks.append(
+            Check(
+                f"whole run within {profile.time_budget:.0f} s",
+                times["total"] <= profile.time_budget,
+                f"took {times['total']:.0f} s",
+            )
+        )
         print()
         print(table(profile, seed, workload, faults, injector, findings, times))
         ok = all(check.ok for check in findings.checks)

@@ -16,10 +16,9 @@ from django.db import connections
 from django.test import override_settings
 from pytest_django.live_server_helper import LiveServer
 
-from reliable_tasks import testing
 from reliable_tasks.models import DeadStatus, DeadTask
-from tests.support import ROOT, effects, make_dead_task
-from tests.testapp.tasks import charge, record
+from tests.support import ROOT, Broker, ProcessFactory, effects, make_dead_task, wait_for
+from tests.testapp.tasks import charge, record, send_receipt
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page, Route
@@ -133,14 +132,31 @@ def listed_rows(page: Page) -> int:
 
 
 def test_an_operator_filters_opens_and_requeues_a_dead_task_that_then_succeeds(
-    page: Page, live_server: LiveServer
+    page: Page,
+    live_server: LiveServer,
+    broker: Broker,
+    processes: ProcessFactory,
+    tmp_path: Path,
 ) -> None:
     superuser()
-    dead = make_dead_task(record, "receipt-17", exc_message="gateway timed out for order 17")
     make_dead_task(record, "receipt-18", reason="crash_loop", exc_type="", exc_message="")
     make_dead_task(
         charge, 9, reason="give_up", exc_type="tests.CardDeclined", exc_message="card declined"
     )
+    # The cause: the mail gateway is down. A real relay and worker run the task until its
+    # policy gives up (two attempts).
+    cause = tmp_path / "gateway-down"
+    cause.touch()
+    env = {"RT_TEST_SIGNAL_DIR": str(tmp_path)}
+    processes.relay(env=env)
+    processes.worker(env=env)
+    send_receipt.delay("receipt-17")
+    wait_for(
+        lambda: DeadTask.objects.filter(task_name=send_receipt.name).exists(),
+        timeout=60,
+        what="the task to become dead",
+    )
+    dead = DeadTask.objects.get(task_name=send_receipt.name)
     log_in(page, live_server.url, "ops")
     open_dead_tasks(page)
     assert page.locator("#rt-summary h2").inner_text() == "3 dead tasks waiting for a decision"
@@ -150,9 +166,9 @@ def test_an_operator_filters_opens_and_requeues_a_dead_task_that_then_succeeds(
     page.locator("#changelist-filter").get_by_role("link", name="retries exhausted").click()
     page.wait_for_url(re.compile(r"reason__exact=exhausted"))
     assert listed_rows(page) == 1
-    page.fill("#searchbar", "receipt-17")
+    page.fill("#searchbar", dead.task_id)
     page.press("#searchbar", "Enter")
-    page.wait_for_url(re.compile(r"q=receipt-17"))
+    page.wait_for_url(re.compile(r"q=" + dead.task_id))
     assert listed_rows(page) == 1
     page.screenshot(path=SCREENSHOTS / "rt-admin-changelist.png", full_page=True)
 
@@ -160,18 +176,20 @@ def test_an_operator_filters_opens_and_requeues_a_dead_task_that_then_succeeds(
     page.locator("#result_list tbody tr").first.locator("th a").click()
     page.wait_for_selector("#rt-attempts")
     assert '"receipt-17"' in page.locator("pre.rt-json").first.inner_text()
-    assert page.locator(".rt-attempt").count() == 3
-    assert "gateway timed out for order 17" in page.locator(".rt-traceback").last.inner_text()
+    assert page.locator(".rt-attempt").count() == 2
+    assert "the mail gateway is down" in page.locator(".rt-traceback").last.inner_text()
     page.screenshot(path=SCREENSHOTS / "rt-admin-detail.png", full_page=True)
 
     # The cause is fixed (the gateway is back): requeue under the same key.
+    cause.unlink()
     page.get_by_label("Keep the key", exact=False).check()
     page.locator("#rt-requeue-form input[type=submit]").click()
     page.wait_for_selector(".messagelist .success")
     assert "Requeued" in page.locator(".messagelist").inner_text()
 
-    testing.run_enqueued()  # the relay and a worker, inline
-    assert effects() == ["receipt-17"]
+    # The relay publishes it and the worker runs it.
+    wait_for(lambda: effects("receipt-17"), timeout=60, what="the requeued task to run")
+    assert effects() == ["receipt-17"]  # once, and nothing else ran
     dead.refresh_from_db()
     assert dead.status == DeadStatus.REQUEUED
 
@@ -180,10 +198,18 @@ def test_an_operator_filters_opens_and_requeues_a_dead_task_that_then_succeeds(
     assert status.startswith("requeued since ")
     assert status.endswith(" by ops")
     assert page.locator("#rt-requeue-form").count() == 0
-    assert page.get_by_role("link", name=re.compile(r"outbox row \d+")).count() == 1
+
+    # And the admin shows it succeeded: its outbox row dispatched, its key done.
+    page.get_by_role("link", name=re.compile(r"outbox row \d+")).click()
+    page.wait_for_selector(".field-status")
+    assert page.locator(".field-status .readonly").first.inner_text() == "dispatched"
+    page.goto(f"{live_server.url}/admin/reliable_tasks/idempotencykey/?q={dead.idempotency_key}")
+    assert listed_rows(page) == 1
+    assert "done" in page.locator("#result_list tbody tr").first.inner_text()
+    page.screenshot(path=SCREENSHOTS / "rt-admin-key-done.png", full_page=True)
 
     # And the admin's history says who did what.
-    page.get_by_role("link", name="History").click()
+    page.goto(f"{live_server.url}/admin/reliable_tasks/deadtask/{dead.pk}/history/")
     assert "Requeued through the outbox as row" in page.locator("#change-history").inner_text()
 
 
@@ -254,7 +280,7 @@ def test_requeue_all_matching_a_filter_takes_every_page_after_a_confirmation(
                 },
                 task_id=f"storm-{n}",
             )
-            for n in range(149)
+            for n in range(999)
         ]
     )
     make_dead_task(charge, 1)  # not in the filter
@@ -264,19 +290,19 @@ def test_requeue_all_matching_a_filter_takes_every_page_after_a_confirmation(
         "link", name="tests.testapp.tasks.record"
     ).click()
     page.wait_for_url(re.compile(r"task=tests.testapp.tasks.record"))
-    assert listed_rows(page) == 100  # one page of two
+    assert listed_rows(page) == 100  # one page of ten
     page.click("#rt-requeue-matching")
     page.wait_for_selector("#rt-affected")
     page.screenshot(path=SCREENSHOTS / "rt-admin-bulk-confirmation.png", full_page=True)
     assert (
         page.locator("#rt-affected")
         .inner_text()
-        .startswith("150 dead tasks will be requeued through the outbox")
+        .startswith("1000 dead tasks will be requeued through the outbox")
     )
-    page.get_by_role("button", name="Yes, requeue 150 dead tasks").click()
+    page.get_by_role("button", name="Yes, requeue 1000 dead tasks").click()
     page.wait_for_selector(".messagelist .success")
     assert (
-        "Requeued 150 dead tasks through the outbox." in page.locator(".messagelist").inner_text()
+        "Requeued 1,000 dead tasks through the outbox." in page.locator(".messagelist").inner_text()
     )
-    assert DeadTask.objects.filter(status=DeadStatus.REQUEUED).count() == 150
+    assert DeadTask.objects.filter(status=DeadStatus.REQUEUED).count() == 1000
     assert DeadTask.objects.get(status=DeadStatus.DEAD).task_name == charge.name

@@ -14,7 +14,8 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from reliable_tasks import metrics, testing
-from reliable_tasks.models import DeadTask, OutboxMessage, RelayHeartbeat
+from reliable_tasks.models import DeadTask, IdempotencyKey, OutboxMessage, RelayHeartbeat
+from tests.support import make_dead_task
 from tests.testapp.tasks import pay, record
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -160,8 +161,146 @@ def test_requeue_command_filters_and_dry_runs() -> None:
     )
 
 
-def test_prune_command_reports_what_it_deleted() -> None:
-    assert run("prune").startswith("pruned 0 dispatched outbox rows, 0 idempotency keys")
+def test_each_requeue_filter_narrows_the_dead_tasks_it_selects() -> None:
+    long_ago = timezone.now() - dt.timedelta(days=3)
+    make_dead_task(pay, 1, reason="exhausted")
+    make_dead_task(pay, 2, reason="give_up", exc_type="tests.testapp.tasks.CardDeclined")
+    make_dead_task(record, "r", reason="exhausted", exc_type="builtins.ValueError")
+    make_dead_task(record, "old", reason="crash_loop", exc_type="", last_failed_at=long_ago)
+
+    def would(*filters: str) -> int:
+        out = run("requeue", *filters, "--dry-run")
+        return int(out.split()[2])
+
+    assert would("--all") == 4
+    assert would("--task", pay.name) == 2
+    assert would("--task", record.name) == 2
+    assert would("--reason", "exhausted") == 2
+    assert would("--reason", "crash_loop") == 1
+    assert would("--exc-type", "tests.testapp.tasks.CardDeclined") == 1
+    assert would("--exc-type", "builtins.ValueError") == 1
+    since = (timezone.now() - dt.timedelta(days=1)).isoformat()
+    assert would("--since", since) == 3
+    assert would("--task", pay.name, "--reason", "exhausted") == 1
+    assert DeadTask.objects.filter(status="dead").count() == 4  # dry runs changed nothing
+    with pytest.raises(CommandError, match="--since takes an ISO 8601 time"):
+        run("requeue", "--since", "yesterday")
+
+
+def test_requeue_with_renewed_keys_sends_new_task_ids() -> None:
+    dead_task = make_dead_task(pay, 3, reason="exhausted")
+    assert run("requeue", "--task", pay.name, "--renew-key") == (
+        "requeued 1 dead tasks through the outbox\n"
+    )
+    [row] = OutboxMessage.objects.filter(status="pending")
+    assert row.task_id != dead_task.task_id
+    dead_task.refresh_from_db()
+    assert (dead_task.status, dead_task.requeued_task_id) == ("requeued", row.task_id)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_prune_deletes_in_batches_and_draws_a_bar_on_a_terminal() -> None:
+    retention = dt.timedelta(days=7)
+    long_ago = timezone.now() - retention - dt.timedelta(days=1)
+    for n in range(5):
+        record.delay(f"prune-{n}")
+    OutboxMessage.objects.update(status="dispatched", dispatched_at=long_ago)
+    for n in range(5):
+        record.apply((f"key-{n}",))
+    IdempotencyKey.objects.update(completed_at=long_ago)
+    for n in range(5):
+        dead_task = make_dead_task(record, f"dead-{n}", attempts=1)
+        DeadTask.objects.filter(pk=dead_task.pk).update(
+            status="discarded", status_changed_at=timezone.now() - dt.timedelta(days=31)
+        )
+    OutboxMessage.objects.filter(status="dispatched").update(dispatched_at=long_ago)
+    kept = make_dead_task(record, "kept")  # dead, nobody acted on it: never pruned
+    terminal = _Terminal()
+    with CaptureQueriesContext(connection) as captured:
+        call_command("reliable_tasks", "prune", "--batch-size", "2", stdout=terminal)
+    out = terminal.getvalue()
+    assert out.endswith(
+        "pruned 10 dispatched outbox rows, 5 idempotency keys and 5 old dead tasks and "
+        "attempt records\n"
+    )
+    # 10 outbox rows (the 5 tasks' and 5 dead tasks' messages) in batches of 2: 5 DELETEs.
+    outbox_deletes = [
+        q
+        for q in captured.captured_queries
+        if q["sql"].startswith('DELETE FROM "reliable_tasks_outbox"')
+    ]
+    assert len(outbox_deletes) == 5
+    assert f"[{'#' * 30}] 10 / 10" in out
+    assert f"[{'#' * 12}{'.' * 18}] 4 / 10" in out  # two batches in
+    assert f"[{'#' * 30}] 5 / 5" in out
+    assert f"[{'.' * 30}] 0 / 10" in out  # the bar as it starts
+    assert list(DeadTask.objects.values_list("pk", flat=True)) == [kept.pk]
+    assert not IdempotencyKey.objects.exists()
+    # Off a terminal: the summary only.
+    assert run("prune") == (
+        "pruned 0 dispatched outbox rows, 0 idempotency keys and 0 old dead tasks and attempt "
+        "records\n"
+    )
+
+
+def test_status_watch_refreshes_until_interrupted(monkeypatch: pytest.MonkeyPatch) -> None:
+    record.delay("watched")
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("reliable_tasks.management.commands.reliable_tasks.time.sleep", sleep)
+    lines = run("status", "--json", "--watch", "0.5").splitlines()
+    assert sleeps == [0.5, 0.5, 0.5]
+    assert len(lines) == 3
+    assert all(json.loads(line)["outbox_pending"] == 1 for line in lines)
+    with pytest.raises(CommandError, match="--watch takes a number of seconds > 0"):
+        run("status", "--watch", "0")
+
+
+@pytest.mark.postgres
+def test_health_and_status_say_when_the_database_is_gone() -> None:
+    """The database session is ended under the app (as a failover or restart does)."""
+    import psycopg
+
+    connection.ensure_connection()
+    pid = connection.connection.info.backend_pid
+    params = connection.get_connection_params()
+    try:
+        with psycopg.connect(
+            host=params["host"], port=params.get("port", 5432), user=params["user"],
+            dbname=params["dbname"], autocommit=True,
+        ) as admin:  # fmt: skip
+            admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+        response = Client().get("/rt/health/")
+        assert response.status_code == 503
+        body = response.json()
+        assert set(body) == {"status", "reasons"}
+        assert body["status"] == "failing"
+        assert body["reasons"][0].startswith("database unreachable (")
+        assert "the outbox cannot be read" in body["reasons"][0]
+    finally:
+        connection.close()  # the next use reconnects
+    assert Client().get("/rt/health/").status_code in (200, 503)
+    assert "database unreachable" not in Client().get("/rt/health/").content.decode()
+
+
+def test_metrics_without_prometheus_client_say_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if not installed
+    response = Client().get("/rt/metrics/")
+    assert response.status_code == 501
+    assert "pip install 'reliable-tasks[metrics]'" in response.content.decode()
 
 
 @pytest.mark.postgres

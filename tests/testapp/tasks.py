@@ -173,6 +173,15 @@ def pay(self: ReliableTask, order_id: int, outcome: str = "ok") -> str:
     return f"paid {order_id}"
 
 
+@reliable_task(retry=RetryPolicy(max_attempts=2, base=0.2, cap=0.2, jitter="none"))
+def send_receipt(key: str) -> str:
+    """Fails while its cause is there (the marker file ``gateway-down``), then succeeds."""
+    if (SIGNAL_DIR / "gateway-down").exists():
+        raise GatewayTimeout(f"the mail gateway is down: receipt {key} not sent")
+    Effect.objects.create(key=key)
+    return key
+
+
 @reliable_task(retry=RetryPolicy(max_attempts=50, base=5.0, cap=5.0, jitter="none", deadline=8.0))
 def with_deadline(key: str) -> None:
     raise GatewayTimeout(f"{key} times out")

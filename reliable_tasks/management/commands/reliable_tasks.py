@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from argparse import ArgumentParser
 from collections.abc import Callable
@@ -142,7 +141,7 @@ class Command(BaseCommand):
                 data["health"] = {"ok": result.ok, "reasons": result.reasons}
                 self.stdout.write(json.dumps(data, sort_keys=True))
             else:
-                if interval is not None and sys.stdout.isatty():
+                if interval is not None and self.stdout.isatty():
                     self.stdout.write(
                         "\033[2J\033[H", ending=""
                     )  # clear the screen between refreshes
@@ -160,13 +159,20 @@ class Command(BaseCommand):
         limit = options["batch_size"] or conf.PRUNE_BATCH_SIZE
         if limit < 1:
             raise CommandError(f"--batch-size must be at least 1, got {limit}")
-        progress = _Progress(self.stdout, enabled=sys.stdout.isatty() and options["verbosity"] >= 1)
-        rows = _repeat(outbox.prune, limit, progress.step("outbox rows"))
-        keys = _repeat(ledger.prune, limit, progress.step("idempotency keys"))
-        old = _repeat(dead.prune, limit, progress.step("dead tasks and attempts"))
-        progress.done()
+        progress = _Progress(
+            self.stdout, enabled=self.stdout.isatty() and options["verbosity"] >= 1
+        )
+        deleted = [
+            _repeat(module.prune, limit, progress.step(what, module.prunable))
+            for what, module in (
+                ("dispatched outbox rows", outbox),
+                ("idempotency keys", ledger),
+                ("old dead tasks and attempt records", dead),
+            )
+        ]
         self.stdout.write(
-            f"pruned {rows} dispatched outbox rows, {keys} idempotency keys and {old} old dead tasks and attempt records"
+            "pruned {} dispatched outbox rows, {} idempotency keys and {} old dead tasks and "
+            "attempt records".format(*deleted)
         )
 
     # -- requeue -----------------------------------------------------------------------------
@@ -266,29 +272,44 @@ def _describe(result: Any) -> str:
 
 
 class _Progress:
-    """A one-line progress count on a terminal; silent elsewhere."""
+    """A progress bar per kind of row, on a terminal; silent elsewhere."""
+
+    WIDTH = 30
 
     def __init__(self, out: Any, *, enabled: bool) -> None:
         self.out = out
         self.enabled = enabled
 
-    def step(self, what: str) -> Callable[[int], None]:
-        def show(total: int) -> None:
-            if self.enabled:
-                self.out.write(f"\rpruning {what}: {total} deleted", ending="")
-                self.out.flush()
+    def step(self, what: str, prunable: Callable[[], int]) -> Callable[[int | None], None]:
+        """A callback for one kind of row: the rows deleted so far, None when it is done."""
+        if not self.enabled:
+            return lambda deleted: None
+        total = prunable()  # counted once, over the indexes the pruning itself uses
+        shown = [0]
 
+        def show(deleted: int | None) -> None:
+            done = deleted is None
+            if deleted is not None:
+                shown[0] = deleted
+            # Rows that expire while pruning runs are deleted too: the total grows with them.
+            whole = max(total, shown[0]) or 1
+            filled = self.WIDTH if done else self.WIDTH * shown[0] // whole
+            bar = "#" * filled + "." * (self.WIDTH - filled)
+            self.out.write(
+                f"\r{what:<36} [{bar}] {shown[0]:,} / {max(total, shown[0]):,}",
+                ending="\n" if done else "",
+            )
+            self.out.flush()
+
+        show(0)
         return show
 
-    def done(self) -> None:
-        if self.enabled:
-            self.out.write("")
 
-
-def _repeat(prune: Callable[..., int], limit: int, progress: Callable[[int], None]) -> int:
+def _repeat(prune: Callable[..., int], limit: int, progress: Callable[[int | None], None]) -> int:
     """Run a batch pruner until it finds nothing more; return how many rows it deleted."""
     total = 0
     while deleted := prune(limit=limit):
         total += deleted
         progress(total)
+    progress(None)
     return total
