@@ -23,7 +23,16 @@ from tests.support import (
     rabbitmqctl,
     wait_for,
 )
-from tests.testapp.tasks import flaky, kill_own_worker, record, two_steps
+from tests.testapp.models import Effect
+from tests.testapp.tasks import (
+    charge,
+    flaky,
+    kill_own_worker,
+    pay,
+    record,
+    two_steps,
+    with_deadline,
+)
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -55,6 +64,37 @@ def test_a_waiting_retry_survives_a_broker_and_worker_restart(
     )
     assert effects("flaky:survivor") == ["flaky:survivor"]
     assert not DeadTask.objects.exists()
+
+
+def test_tasks_that_give_up_become_dead_for_each_reason_and_the_queue_flows(
+    broker: Broker, processes: ProcessFactory, signal_env: dict[str, str]
+) -> None:
+    """A relay and a worker: retries exhausted, a deadline passed, a key reused with other
+    arguments. Each becomes a dead task for its reason; the tasks behind them run."""
+    processes.relay()
+    processes.worker(env=signal_env)
+    charge.delay(72, amount=10)
+    wait_for(lambda: effects("charge:72"), timeout=60, what="the first charge")
+    pay.delay(71, outcome="timeout")  # three attempts, then exhausted
+    with_deadline.delay("deadline-1")  # waits of 5 s against a deadline of 8 s
+    charge.delay(72, amount=99)  # the same business key, other arguments
+    record.delay("after-the-dead-ones")
+    wait_for(lambda: DeadTask.objects.count() == 3, timeout=90, what="three dead tasks")
+    by_reason = {d.reason: d for d in DeadTask.objects.all()}
+    assert set(by_reason) == {"exhausted", "deadline", "key_reused"}
+    exhausted = by_reason["exhausted"]
+    assert (exhausted.task_name, exhausted.args, exhausted.attempt_count) == (pay.name, [71], 3)
+    assert [a["number"] for a in exhausted.attempts] == [1, 2, 3]
+    assert all(a["worker"].startswith("w") and a["started_at"] for a in exhausted.attempts)
+    assert by_reason["deadline"].attempt_count == 2
+    reused = by_reason["key_reused"]
+    assert (reused.idempotency_key, reused.kwargs) == ("charge:72", {"amount": 99})
+    assert "charge:72" in reused.exc_message
+    # The first charge stands alone; the queue kept flowing past the three.
+    assert [e.payload for e in Effect.objects.filter(key="charge:72")] == [{"amount": 10}]
+    wait_for(lambda: effects("after-the-dead-ones"), timeout=30, what="the task behind them")
+    wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")
+    assert not OutboxMessage.objects.filter(status="pending").exists()
 
 
 def test_a_task_that_kills_its_worker_every_time_becomes_dead_and_the_queue_flows(

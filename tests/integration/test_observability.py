@@ -286,6 +286,8 @@ def test_health_and_status_say_when_the_database_is_gone() -> None:
         assert body["status"] == "failing"
         assert body["reasons"][0].startswith("database unreachable (")
         assert "the outbox cannot be read" in body["reasons"][0]
+        with pytest.raises(CommandError, match="database unreachable"):
+            run("status")
     finally:
         connection.close()  # the next use reconnects
     assert Client().get("/rt/health/").status_code in (200, 503)
