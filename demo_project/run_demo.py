@@ -21,6 +21,8 @@ Run it with ``make demo``. It
 6. leaves the admin running (``runserver`` on 127.0.0.1:8000 or ``DEMO_PORT``, or a free port)
    with a new superuser, so that the dead tasks can be inspected and requeued, until Ctrl-C.
    Not when ``DEMO_NO_ADMIN=1``, ``CI`` is set, or stdin is no terminal: then it just ends;
+   ``DEMO_ADMIN=1`` asks for the admin all the same (without a terminal it then runs until
+   SIGINT or SIGTERM), as the test of the admin and of Ctrl-C does in CI;
 7. stops the admin, the relay and the workers with SIGTERM (SIGKILL if one will not stop).
 
 It exits 0 when nothing was lost or doubled, 1 otherwise, 130 when interrupted early.
@@ -978,6 +980,8 @@ def wants_admin() -> tuple[bool, str]:
     """Whether to leave the admin running, and why not."""
     if os.environ.get("DEMO_NO_ADMIN", "") not in ("", "0"):
         return False, "DEMO_NO_ADMIN is set"
+    if os.environ.get("DEMO_ADMIN", "") not in ("", "0"):
+        return True, ""
     if os.environ.get("CI", "") not in ("", "0", "false"):
         return False, "CI is set"
     if not sys.stdin.isatty():
@@ -1018,7 +1022,11 @@ def run_admin(services: Services) -> None:
     say("and the workers are still running: the receipts appear under Shop > Receipts.")
     say(f"Requests are logged in {shown(admin.log)}.")
     write()
-    say("Press Ctrl-C (or Ctrl-D) to stop the admin, the relay and the workers.")
+    # Ctrl-D only from a terminal: asked for without one (DEMO_ADMIN=1), stdin may be /dev/null.
+    ctrl_d = sys.stdin.isatty()
+    say(
+        f"Press Ctrl-C{' (or Ctrl-D)' if ctrl_d else ''} to stop the admin, the relay and the workers."
+    )
     try:
         while True:
             gone = services.died()
@@ -1026,7 +1034,9 @@ def run_admin(services: Services) -> None:
                 say(f"the {gone.name} exited with code {gone.process.returncode}; its log ends:")
                 show_tail(gone.log)
                 return
-            if terminal_closed(timeout=0.5):
+            if not ctrl_d:
+                time.sleep(0.5)
+            elif terminal_closed(timeout=0.5):
                 say("end of input: the demo ends.")
                 return
     except KeyboardInterrupt:
@@ -1123,7 +1133,7 @@ def terminal_to_ourselves() -> Iterator[None]:
     the demo ends: the demo takes the terminal so that the Ctrl-C is its alone, then gives the
     terminal back.
     """
-    if not wants_admin()[0]:
+    if not wants_admin()[0] or not sys.stdin.isatty():
         yield
         return
     tty = sys.stdin.fileno()

@@ -486,7 +486,38 @@ def _encode_body(task_name: str, body: Any) -> tuple[str, str, str]:
         content_type, content_encoding, data = serialization.dumps(body, serializer=SERIALIZER)
     except EncodeError:
         raise _not_serializable(task_name, body) from None
+    # JSON writes any dict key as text: {1: "a"} would reach the task as {"1": "a"}.
+    found = None
+    if isinstance(body, tuple | list) and len(body) >= 2:  # Celery's (args, kwargs, embed)
+        found = _non_text_key(body[0], "args") or _non_text_key(body[1], "kwargs")
+    if found is not None:
+        path, key = found
+        raise PayloadNotSerializable(
+            f"task {task_name!r} cannot be enqueued: {path} has the key {key!r} (type "
+            f"{type(key).__name__}), and JSON object keys are text: the task would receive "
+            f"{str(key)!r} in its place. Use string keys, or a list of pairs. Nothing was "
+            "written to the outbox; the transaction is still usable."
+        )
     return content_type, content_encoding, data
+
+
+def _non_text_key(value: Any, path: str) -> tuple[str, Any] | None:
+    """The path of the first dict in ``value`` with a key that is not a string, and the key."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return path, key
+            if isinstance(item, dict | list | tuple):
+                found = _non_text_key(item, f"{path}[{key!r}]")
+                if found is not None:
+                    return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            if isinstance(item, dict | list | tuple):
+                found = _non_text_key(item, f"{path}[{index}]")
+                if found is not None:
+                    return found
+    return None
 
 
 def _encode_mapping(task_name: str, what: str, value: Mapping[str, Any]) -> str:
