@@ -410,6 +410,13 @@ class Waker:
 # The relay
 
 
+def _publishing(rows: Sequence[Row]) -> Any:
+    """Sentry's transactions for a batch (``integrations.sentry.publishing``), or None."""
+    from .integrations import sentry
+
+    return sentry.publishing(rows)
+
+
 def _unbuildable(exc: Exception) -> str:
     """Why a row's message could not be built, for its ``last_error``."""
     if isinstance(exc, struct.error):
@@ -532,21 +539,29 @@ class Relay:
         if publisher is None:
             return 0, False
         rows: list[Row] = []
+        traced: Any = None
         try:
             with self._claim_transaction():
                 rows = self._claim(size)
                 if not rows:
                     self._isolate = 0
                     return 0, False
+                traced = _publishing(rows)  # Sentry's trace, when it traces: None otherwise
+                if traced is not None:
+                    rows = traced.rows
                 outcome = publisher.publish_batch(rows, conf.RELAY_CONFIRM_TIMEOUT)
                 self._mark(rows, outcome)
         except publisher.errors as exc:
             # The claim rolled back: every row of the batch is pending again.
+            if traced is not None:
+                traced.finish(None, error=f"the batch failed: {exc!r}")
             if isinstance(exc, publisher.channel_errors):
                 self._channel_failed(rows, exc)
                 return 0, True
             self._broker_failed(exc)
             return 0, False
+        if traced is not None:
+            traced.finish(outcome)
         self._isolate = max(0, self._isolate - 1)
         self._broker_failures = 0
         self.dispatched_total += len(outcome.confirmed)

@@ -3,17 +3,21 @@
 Connected in ``AppConfig.ready()``; it does nothing without sentry-sdk (the ``sentry`` extra)
 or without a configured client, and each handler first asks whether a client is active.
 
-Trace context needs no code here. sentry-sdk's ``CeleryIntegration`` wraps Celery's
-``Task.apply_async`` and ``Celery.send_task`` to add ``sentry-trace`` and ``baggage`` headers;
-``ReliableTask.apply_async`` builds its message through that same ``Task.apply_async`` (with
-a capturing producer), so the headers are stored in the outbox row, the relay publishes them
-as they are, and the integration continues the trace when the worker runs the task.
+Trace context: sentry-sdk's ``CeleryIntegration`` wraps Celery's ``Task.apply_async`` and
+``Celery.send_task`` to add ``sentry-trace`` and ``baggage`` headers; ``ReliableTask.apply_async``
+builds its message through that same ``Task.apply_async`` (with a capturing producer), so the
+headers are stored in the outbox row. With tracing on, the relay publishes each such row in a
+``queue.publish`` transaction of its own, the producer's span its parent (``Publishing``), and
+the message carries the relay's span on, so the task's transaction is its child: producer,
+relay and task in one trace.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from reliable_tasks import signals
@@ -22,7 +26,8 @@ from reliable_tasks.dead import qualname
 try:
     import sentry_sdk
     from sentry_sdk.integrations.logging import ignore_logger
-    from sentry_sdk.tracing_utils import PropagationContext
+    from sentry_sdk.tracing import BAGGAGE_HEADER_NAME, SENTRY_TRACE_HEADER_NAME
+    from sentry_sdk.tracing_utils import PropagationContext, has_tracing_enabled
     from sentry_sdk.utils import event_from_exception
 except ImportError:  # the "sentry" extra is not installed: connect() does nothing
     HAVE_SENTRY = False
@@ -31,6 +36,7 @@ else:
 
 if TYPE_CHECKING:
     from reliable_tasks.models import DeadTask
+    from reliable_tasks.relay import BatchOutcome, Row
 
 logger = logging.getLogger("reliable_tasks.sentry")
 
@@ -251,3 +257,87 @@ def _iso(value: Any) -> str:
 
 def _breadcrumb(message: str, *, level: str = "info", **data: Any) -> None:
     sentry_sdk.add_breadcrumb(category=CATEGORY, message=message, level=level, data=data)
+
+
+# -- the relay in the trace ----------------------------------------------------------------------
+
+
+def publishing(rows: Sequence[Row]) -> Publishing | None:
+    """The relay's transactions for a batch, or None when no client traces (the usual case,
+    at the cost of one check per batch)."""
+    if not HAVE_SENTRY:
+        return None
+    client = sentry_sdk.get_client()
+    if not client.is_active() or not has_tracing_enabled(client.options):
+        return None
+    return Publishing(rows)
+
+
+class Publishing:
+    """One ``queue.publish`` transaction per row that carries a producer's trace.
+
+    Each continues the producer's trace (its parent is the producer's ``queue.submit.celery``
+    span, and it keeps the producer's sampling decision), and the row's message is published
+    with the transaction's own ``sentry-trace`` and ``baggage``, at the top of the headers and
+    in the nested ``headers`` the Celery integration reads on the worker. ``rows`` are the rows
+    to publish in their place. ``finish()`` ends each transaction as the broker answered.
+    """
+
+    OP = "queue.publish"
+    ORIGIN = "auto.queue.reliable_tasks"
+
+    def __init__(self, rows: Sequence[Row]) -> None:
+        self.rows: list[Row] = []
+        self.transactions: dict[int, Any] = {}
+        for row in rows:
+            try:
+                self.rows.append(self._traced(row))
+            except Exception:  # tracing must never keep a row from the broker
+                logger.debug("row %d published without a relay span", row.id, exc_info=True)
+                self.rows.append(row)
+
+    def _traced(self, row: Row) -> Row:
+        headers = row.header_dict()
+        inner = headers.get("headers")
+        inner = inner if isinstance(inner, dict) else {}
+        parent = inner.get(SENTRY_TRACE_HEADER_NAME) or headers.get(SENTRY_TRACE_HEADER_NAME)
+        if not parent:
+            return row
+        incoming = {
+            SENTRY_TRACE_HEADER_NAME: parent,
+            BAGGAGE_HEADER_NAME: inner.get(BAGGAGE_HEADER_NAME)
+            or headers.get(BAGGAGE_HEADER_NAME)
+            or "",
+        }
+        # An isolation scope of its own: the relay's scope keeps no trace of any one row.
+        with sentry_sdk.isolation_scope():
+            continued = sentry_sdk.continue_trace(
+                incoming, op=self.OP, name=row.task_name, source="task", origin=self.ORIGIN
+            )
+            transaction: Any = sentry_sdk.start_transaction(continued)
+        transaction.set_data("messaging.message.id", row.task_id)
+        transaction.set_data("messaging.destination.name", row.routing_key or row.queue)
+        transaction.set_data("reliable_tasks.outbox_id", row.id)
+        transaction.set_data("messaging.message.retry.count", row.publish_attempts)
+        carried = {SENTRY_TRACE_HEADER_NAME: transaction.to_traceparent()}
+        baggage = transaction.to_baggage()
+        if baggage is not None:
+            carried[BAGGAGE_HEADER_NAME] = baggage.serialize()
+        self.transactions[row.id] = transaction
+        return replace(
+            row, headers={**headers, **carried, "headers": {**inner, **carried}}, header_table=None
+        )
+
+    def finish(self, outcome: BatchOutcome | None, error: str = "") -> None:
+        """End each transaction: ok when the broker confirmed its row, an error otherwise."""
+        for row_id, transaction in self.transactions.items():
+            try:
+                if outcome is not None and row_id in outcome.confirmed:
+                    transaction.set_status("ok")
+                else:
+                    reason = outcome.failed.get(row_id, "") if outcome is not None else error
+                    transaction.set_status("internal_error")
+                    transaction.set_data("reliable_tasks.not_published", reason or "unknown")
+                transaction.finish()
+            except Exception:  # a report that fails changes nothing
+                logger.debug("relay span of row %d not sent", row_id, exc_info=True)

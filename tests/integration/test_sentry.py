@@ -27,7 +27,7 @@ from reliable_tasks import dead, signals, testing
 from reliable_tasks.integrations import sentry
 from reliable_tasks.models import DeadTask, OutboxMessage
 from reliable_tasks.relay import Relay
-from tests.support import ROOT, ProcessFactory, effects, wait_for
+from tests.support import ROOT, Broker, ProcessFactory, effects, wait_for
 from tests.testapp.tasks import charge, pay, record
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -383,15 +383,40 @@ def worker_sentry(tmp_path: Path) -> WorkerSentry:
 def test_a_worker_process_continues_the_producers_trace_from_the_published_message(
     init_sentry: InitSentry, relay: Relay, processes: ProcessFactory, worker_sentry: WorkerSentry
 ) -> None:
+    """Producer, relay and task in one trace, each the parent of the next."""
     processes.worker(env=worker_sentry.env())
-    init_sentry(traces_sample_rate=1.0)
+    sent = init_sentry(traces_sample_rate=1.0)
     with sentry_sdk.start_transaction(name="checkout") as producer, transaction.atomic():
-        record.delay("traced-by-a-worker")
+        result = record.delay("traced-by-a-worker")
     relay.drain()
     task = worker_sentry.wait_for_transaction(record.name)
     assert effects("traced-by-a-worker") == ["traced-by-a-worker"]
+    checkout, published = sent.transactions
+    submits = {s["span_id"] for s in checkout["spans"] if s["op"] == "queue.submit.celery"}
+    relay_trace = published["contexts"]["trace"]
+    assert (relay_trace["op"], relay_trace["status"]) == ("queue.publish", "ok")
+    assert published["transaction"] == record.name
+    assert relay_trace["trace_id"] == producer.trace_id
+    assert relay_trace["parent_span_id"] in submits
+    assert relay_trace["data"]["messaging.message.id"] == result.id
     assert task["contexts"]["trace"]["op"] == "queue.task.celery"
     assert task["contexts"]["trace"]["trace_id"] == producer.trace_id
+    assert task["contexts"]["trace"]["parent_span_id"] == relay_trace["span_id"]
+
+
+def test_a_relay_without_tracing_publishes_the_producers_headers_as_they_are(
+    init_sentry: InitSentry, broker: Broker, relay: Relay
+) -> None:
+    init_sentry(traces_sample_rate=1.0)
+    with sentry_sdk.start_transaction(name="checkout"):
+        result = record.delay("traced")
+    stored = OutboxMessage.objects.get(task_id=result.id).headers["sentry-trace"]
+    sent = init_sentry()  # the relay's process: Sentry without tracing
+    relay.drain()
+    [message] = broker.get_all(expect=1)
+    assert message.headers["sentry-trace"] == stored
+    assert message.headers["headers"]["sentry-trace"] == stored
+    assert sent.transactions == []
 
 
 @pytest.mark.slow
