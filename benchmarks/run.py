@@ -51,7 +51,7 @@ import kombu.exceptions  # noqa: E402
 import psycopg  # noqa: E402
 from kombu import Connection, Queue  # noqa: E402
 
-from benchmarks import worker  # noqa: E402
+from benchmarks import scaling, worker  # noqa: E402
 
 T = TypeVar("T")
 
@@ -182,6 +182,14 @@ class Broker:
 
     def purge(self, name: str) -> None:
         self._run(lambda channel: channel.queue_purge(name))
+
+    def declare(self, name: str, arguments: dict[str, Any] | None = None) -> None:
+        self._run(
+            lambda channel: Queue(name, durable=True, queue_arguments=arguments)(channel).declare()
+        )
+
+    def delete(self, name: str) -> None:
+        self._run(operator.methodcaller("queue_delete", name))
 
     def delete_all(self) -> None:
         for name in self.queues:
@@ -759,6 +767,7 @@ def print_report(f: dict[str, float], notes: dict[str, str], header: str) -> lis
         ("  (ReliableTask)", f"{f['worker_reused_reliable_tasks_per_s']:,.0f} tasks/s",
          f"{f['worker_reused_reliable_vs_plain']:.2f}x"),
         ("  (stock Celery task)", f"{f['worker_reused_plain_tasks_per_s']:,.0f} tasks/s", "1.00x"),
+        *scaling.report_rows(f),
         (f"A duplicate answered by the cache (Redis), {worker.DUPLICATE_CALLS:,} calls", "", ""),
         ("duplicate p50", f"{f['duplicate_hit_p50_ms']:.3f} ms",
          f"{f['duplicate_hit_p50_ms'] / f['first_execution_p50_ms']:.2f}x"),
@@ -853,6 +862,15 @@ def main() -> int:
         run_stage(
             f"latency ({LATENCY_SECONDS:g} s) and relay memory ({RSS_MESSAGES:,} messages)",
             lambda: bench_latency_and_memory(results, broker, settings.QUEUE, processes),
+            broker,
+            results,
+        )
+        run_stage(
+            f"scaling: one and two relay processes, classic and quorum queues "
+            f"({scaling.ROWS:,} rows x {scaling.ROUNDS} rounds each)",
+            lambda: scaling.bench_scaling(
+                results, broker, settings.QUEUE, processes, sys.modules[__name__]
+            ),
             broker,
             results,
         )
