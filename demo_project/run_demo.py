@@ -201,6 +201,9 @@ class Failed(Exception):
 
 def main() -> int:
     # SIGTERM, or the terminal closing, stops the demo the way Ctrl-C does: its processes first.
+    # SIGINT too when it was ignored at the start (a shell's background job without job
+    # control): Python then leaves it ignored, and Ctrl-C or `kill -INT` would do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGHUP, signal.default_int_handler)
     write(

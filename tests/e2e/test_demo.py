@@ -1,12 +1,22 @@
-"""`make demo`, run the way CI runs it: no admin, a report, an exit code."""
+"""`make demo`, run the way CI runs it: no admin, a report, an exit code; and, asked for the
+admin, the way a person runs it: the admin to log in to, then Ctrl-C."""
 
 from __future__ import annotations
 
+import contextlib
+import http.cookiejar
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
+from typing import IO
+from urllib.parse import urlencode
 
 import pytest
 
@@ -14,20 +24,29 @@ from tests.support import ROOT
 
 pytestmark = pytest.mark.slow
 
+RUN_DEMO = ROOT / "demo_project" / "run_demo.py"
 
-def run_demo(tmp_path: Path, **settings: str) -> subprocess.CompletedProcess[str]:
-    # The demo's own settings and state: a SQLite file, logs and queue of its own under
-    # tmp_path, so that it shares nothing with this test run or with a `make demo` beside it.
+
+def demo_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """The demo's own settings and state: a SQLite file, logs and queue of its own under
+    tmp_path, so that it shares nothing with this test run or with a `make demo` beside it.
+    """
+    # CELERY_BROKER_URL (tox passes it through) would win over the demo's own choice.
     env = {
         key: value
         for key, value in os.environ.items()
-        if key not in ("DJANGO_SETTINGS_MODULE", "DATABASE_URL") and not key.startswith("RT_TEST_")
+        if key not in ("DJANGO_SETTINGS_MODULE", "DATABASE_URL", "CELERY_BROKER_URL")
+        and not key.startswith("RT_TEST_")
     }
-    env.update(DEMO_NO_ADMIN="1", DEMO_STATE_DIR=str(tmp_path / "demo"), **settings)
+    env.update(DEMO_STATE_DIR=str(tmp_path / "demo"), **settings)
+    return env
+
+
+def run_demo(tmp_path: Path, **settings: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(ROOT / "demo_project" / "run_demo.py")],
+        [sys.executable, str(RUN_DEMO)],
         cwd=ROOT,
-        env=env,
+        env=demo_env(tmp_path, **{"DEMO_NO_ADMIN": "1", **settings}),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -66,3 +85,216 @@ def test_the_demo_falls_back_to_the_embedded_transport_with_a_notice(tmp_path: P
     assert "FAULT  broker outage skipped: the embedded transport has no broker to stop" in (
         done.stdout
     )
+
+
+class Output:
+    """The demo's output, read line by line in a thread, so that the test can wait for a line
+    (with a timeout) while the demo runs on, and the demo never blocks on a full pipe.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self.ended = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for text in stream:
+            with self._changed:
+                self.lines.append(text.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self.ended = True
+            self._changed.notify_all()
+
+    @property
+    def text(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        """The first line that matches ``pattern``; fail when the demo ends or time runs out."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for text in self.lines:
+                    found = re.search(pattern, text)
+                    if found:
+                        return found
+                left = deadline - time.monotonic()
+                if self.ended or left <= 0:
+                    why = "ended" if self.ended else f"ran {timeout:.0f} s"
+                    pytest.fail(f"the demo {why} without printing {pattern!r}:\n{self.text}")
+                self._changed.wait(left)
+
+    def close(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+def process_table() -> dict[int, tuple[int, int, str]]:
+    """Every process on this machine, from /proc: pid -> (parent pid, session id, state)."""
+    table: dict[int, tuple[int, int, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # it ended meanwhile
+        # "pid (command) state ppid pgrp session ...": the command may hold spaces and parentheses.
+        state, ppid, _pgrp, session = stat.rsplit(")", 1)[1].split()[:4]
+        table[int(entry.name)] = (int(ppid), int(session), state)
+    return table
+
+
+def sessions_below(pid: int) -> set[int]:
+    """The sessions of ``pid`` and of every process below it. The demo starts each service in a
+    session of its own (a worker's pool processes share its session), so these are the demo's
+    and one for each process it started.
+    """
+    table = process_table()
+    tree = {pid}
+    while grown := {p for p, (parent, _, _) in table.items() if parent in tree} - tree:
+        tree |= grown
+    return {table[p][1] for p in tree if p in table}
+
+
+def left_in(sessions: set[int]) -> list[str]:
+    """The processes still in ``sessions``, zombies included: "pid 123 (S) in session 120"."""
+    return [
+        f"pid {pid} ({state}) in session {session}"
+        for pid, (_, session, state) in process_table().items()
+        if session in sessions
+    ]
+
+
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def log_in(admin_url: str, username: str, password: str) -> urllib.request.OpenerDirector:
+    """Log in to Django's admin as a browser would: the login page's CSRF token, then the form.
+
+    The standard library only (``requests`` is no dependency of the tests). The returned opener
+    keeps the session cookie.
+    """
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
+    )
+    login = f"{admin_url}login/?next=/admin/"
+    with opener.open(login, timeout=10) as response:
+        page = response.read().decode()
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)
+    assert token, page
+    form = {
+        "csrfmiddlewaretoken": token[1],
+        "username": username,
+        "password": password,
+        "next": "/admin/",
+    }
+    with opener.open(login, data=urlencode(form).encode(), timeout=10) as response:
+        landed, page = response.url, response.read().decode()
+    # A good login redirects to the admin's index; a bad one shows the login form again.
+    assert landed == admin_url, f"login failed, landed on {landed}:\n{page}"
+    return opener
+
+
+@pytest.mark.timeout(300)
+def test_the_demo_leaves_the_admin_running_and_ends_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    """The report, then the admin with printed credentials shows the poison receipt's dead
+    task; Ctrl-C (SIGINT to the demo's process group, as a terminal sends it) stops the admin,
+    the relay and the workers, and the demo exits 0 with no process of it left.
+    """
+    env = demo_env(
+        tmp_path,
+        # The admin even under CI=true and with no terminal: the way a person runs the demo.
+        DEMO_ADMIN="1",
+        DEMO_PORT=str(unused_port()),
+        # Nothing shared: the embedded broker (no RabbitMQ stopped), a cache in files.
+        DEMO_BROKER="embedded",
+        DEMO_CACHE_URL="",
+        DEMO_ORDERS="40",
+    )
+    demo = subprocess.Popen(
+        # Started with SIGINT ignored, as a shell starts a background job (`make demo &` in a
+        # script): the demo must still take Ctrl-C. exec keeps the pid: it is the demo's.
+        ["/bin/sh", "-c", 'trap "" INT; exec "$0" "$1"', sys.executable, str(RUN_DEMO)],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # A session of its own, as a terminal gives `make demo` a process group of its own.
+        start_new_session=True,
+    )
+    assert demo.stdout is not None
+    output = Output(demo.stdout)
+    sessions: set[int] = set()
+    try:
+        admin_url = output.wait_for(
+            r"Django's admin is running: (http://127\.0\.0\.1:\d+/admin/)$", 240
+        )[1]
+        username, password = output.wait_for(r"^\s+user (\S+), password (\S+)$", 5).groups()
+        dead_tasks_url = output.wait_for(r"^   dead tasks   (http://\S+)$", 5)[1]
+        assert dead_tasks_url == f"{admin_url}reliable_tasks/deadtask/"
+        assert re.search(r"^\s*lost\s+0\b", output.text, re.MULTILINE), output.text
+
+        opener = log_in(admin_url, username, password)
+        with opener.open(dead_tasks_url, timeout=10) as response:
+            status, page = response.status, response.read().decode()
+        assert status == 200
+        # One row per dead task: the poison product's receipt, dead of a crash loop.
+        rows = re.findall(r'<tr[^>]*>\s*<td class="action-checkbox">.*?</tr>', page, re.DOTALL)
+        assert rows, page
+        assert any(
+            "send_receipt</a>" in row
+            and '<td class="field-reason">crash loop (delivered too often without an outcome)</td>'
+            in row
+            for row in rows
+        ), page
+
+        output.wait_for(r"Press Ctrl-C to stop the admin, the relay and the workers\.$", 10)
+        sessions = sessions_below(demo.pid)
+        # The demo's, the relay's, the two workers' and the admin's, at least.
+        assert len(sessions) >= 5, (sessions, output.text)
+        os.killpg(demo.pid, signal.SIGINT)
+        try:
+            code = demo.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the demo still ran 30 s after SIGINT:\n{output.text}")
+        # Nothing of the demo is left once it exited: no process, not even a zombie, in its
+        # session or in the sessions of what it started.
+        left = left_in(sessions)
+        assert not left, f"left behind by the demo: {left}\n{output.text}"
+        for session in sessions:
+            with pytest.raises(ProcessLookupError):
+                os.killpg(session, 0)
+    finally:
+        if demo.poll() is None:
+            # The test failed with the demo running: SIGTERM makes it stop what it started.
+            demo.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                demo.wait(timeout=60)
+        for session in sessions - {demo.pid}:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(session, signal.SIGKILL)
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        output.close(timeout=10)
+        demo.stdout.close()
+
+    text = output.text
+    assert code == 0, f"exit code {code}:\n{text}"
+    assert "Traceback" not in text, text
+    assert "Interrupted." not in text, text  # an early Ctrl-C: exit code 130
+    stopping = text[text.index("Press Ctrl-C") :]
+    assert "   Ctrl-C: the demo ends." in stopping, text
+    assert "8. Stopping the admin, the relay and the workers with SIGTERM" in stopping, text
+    for name in ("relay", "worker-1", "worker-2", "admin"):
+        assert re.search(rf"^   {name}\s+stopped\b", stopping, re.MULTILINE), text
+    assert "OK: every order was charged once and got one receipt" in stopping, text
