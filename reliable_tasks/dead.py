@@ -306,7 +306,8 @@ def _requeued(user: str, now: datetime) -> dict[str, Any]:
 
 def _requeue_done(dead: DeadTask, row: OutboxMessage, user: str) -> None:
     signals.task_requeued.send(sender=DeadTask, dead_task=dead, outbox_id=row.pk, user=user)
-    log.with_fields(logger, task=dead.task_name, id=row.task_id, dead_task=dead.pk).info(
+    key = (row.headers or {}).get(KEY_HEADER) or dead.idempotency_key
+    log.with_fields(logger, task=dead.task_name, id=row.task_id, key=key, dead_task=dead.pk).info(
         "dead task requeued through the outbox by %s", user or "-"
     )
 

@@ -189,12 +189,19 @@ def test_a_header_amqp_cannot_carry_fails_its_row_and_the_rest_flow(
     assert "an integer beyond 64 bits" in row.last_error
 
 
-def test_an_unroutable_message_is_returned_and_retried_later(broker: Broker, relay: Relay) -> None:
-    record.apply_async(
+def test_an_unroutable_message_is_returned_and_retried_later(
+    broker: Broker, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="reliable_tasks")
+    result = record.apply_async(
         ("unroutable",), exchange="amq.direct", routing_key="rt-tests-nobody-binds-this"
     )
     assert relay.run_once() == 0
     row = OutboxMessage.objects.get()
+    # The relay's line in the one log form: a grep for the task id finds it.
+    [line] = [r.getMessage() for r in caplog.records if f"id={result.id}" in r.getMessage()]
+    assert line.startswith(f"task={record.name} id={result.id} outbox={row.pk} | not published (")
+    assert "returned by the broker as unroutable" in line
     assert row.status == "pending"
     assert row.last_error == "returned by the broker as unroutable"
     assert row.publish_attempts == 1

@@ -354,6 +354,11 @@ def test_one_grep_for_the_task_id_follows_its_attempts_and_its_death(
     assert "attempt failed (GatewayTimeout: gateway timed out for order 41); retry in" in lines[0]
     assert lines[-1].startswith(f"task={pay.name} id={task_id} key={task_id} dead_task=")
     assert "dead task: retries exhausted" in lines[-1]
+    # Its requeue too, under the key it runs with.
+    dead.requeue(DeadTask.objects.get(), user="ops")
+    requeued = [r.getMessage() for r in caplog.records if f"id={task_id}" in r.getMessage()][-1]
+    assert requeued.startswith(f"task={pay.name} id={task_id} key={task_id} dead_task=")
+    assert requeued.endswith("| dead task requeued through the outbox by ops")
 
 
 def test_celery_self_retry_is_durable_even_in_atomic_mode() -> None:
