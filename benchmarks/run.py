@@ -758,9 +758,12 @@ def print_report(f: dict[str, float], notes: dict[str, str], header: str) -> lis
         ("after warm-up", f"{f['relay_rss_start_mb']:.1f} MB", ""),
         ("at the end", f"{f['relay_rss_end_mb']:.1f} MB", ""),
         ("growth", f"{f['relay_rss_growth_mb']:+.1f} MB", ""),
-        (f"Worker: a task inserting one row, {worker.TASKS:,} queued, 1 worker (prefork 2, prefetch 4)", "", ""),
+        (f"Worker: a task inserting one row, {worker.TASKS:,} queued, 1 worker (prefork 2, prefetch 4); "
+         f"median of {worker.ROUNDS} interleaved rounds", "", ""),
         ("ReliableTask, atomic mode (ledger claim and done in the task's transaction)",
          f"{f['worker_reliable_tasks_per_s']:,.0f} tasks/s", f"{f['worker_reliable_vs_plain']:.2f}x"),
+        ("  (its rounds' ratios: lowest / highest)",
+         f"{f['worker_reliable_vs_plain_min']:.2f} / {f['worker_reliable_vs_plain_max']:.2f}", ""),
         ("baseline: stock Celery task, acks_late=True",
          f"{f['worker_plain_acks_late_tasks_per_s']:,.0f} tasks/s", "1.00x"),
         ("  (both again, connections kept between tasks: CELERY_DB_REUSE_MAX)", "", ""),
