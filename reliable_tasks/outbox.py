@@ -170,6 +170,7 @@ class CapturingProducer:
                 f"RELIABLE_TASKS_MAX_PAYLOAD_BYTES = {_human(limit)}. Store large data elsewhere "
                 "(a table, object storage) and pass its key. Nothing was written to the outbox."
             )
+        _refuse_non_text_keys(name, body)
         self.message = CapturedMessage(
             task_name=name,
             task_id=task_id,
@@ -486,36 +487,44 @@ def _encode_body(task_name: str, body: Any) -> tuple[str, str, str]:
         content_type, content_encoding, data = serialization.dumps(body, serializer=SERIALIZER)
     except EncodeError:
         raise _not_serializable(task_name, body) from None
-    # JSON writes any dict key as text: {1: "a"} would reach the task as {"1": "a"}.
-    found = None
-    if isinstance(body, tuple | list) and len(body) >= 2:  # Celery's (args, kwargs, embed)
-        found = _non_text_key(body[0], "args") or _non_text_key(body[1], "kwargs")
-    if found is not None:
-        path, key = found
-        raise PayloadNotSerializable(
-            f"task {task_name!r} cannot be enqueued: {path} has the key {key!r} (type "
-            f"{type(key).__name__}), and JSON object keys are text: the task would receive "
-            f"{str(key)!r} in its place. Use string keys, or a list of pairs. Nothing was "
-            "written to the outbox; the transaction is still usable."
-        )
     return content_type, content_encoding, data
 
 
-def _non_text_key(value: Any, path: str) -> tuple[str, Any] | None:
-    """The path of the first dict in ``value`` with a key that is not a string, and the key."""
+def _refuse_non_text_keys(task_name: str, body: Any) -> None:
+    """JSON writes any dict key as text: ``{1: "a"}`` would reach the task as ``{"1": "a"}``."""
+    if not (isinstance(body, tuple | list) and len(body) >= 2):  # Celery's (args, kwargs, embed)
+        return
+    for top, value in (("args", body[0]), ("kwargs", body[1])):
+        found = _non_text_key(value)
+        if found is not None:
+            places, key = found
+            path = top + "".join(reversed(places))
+            raise PayloadNotSerializable(
+                f"task {task_name!r} cannot be enqueued: {path} has the key {key!r} (type "
+                f"{type(key).__name__}), and JSON object keys are text: the task would receive "
+                f"{str(key)!r} in its place. Use string keys, or a list of pairs. Nothing was "
+                "written to the outbox; the transaction is still usable."
+            )
+
+
+def _non_text_key(value: Any) -> tuple[list[str], Any] | None:
+    """The first key in ``value`` that is not a string, and where it is: the path's parts,
+    innermost first (built only on the way back from a find)."""
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                return path, key
+                return [], key
             if isinstance(item, dict | list | tuple):
-                found = _non_text_key(item, f"{path}[{key!r}]")
+                found = _non_text_key(item)
                 if found is not None:
+                    found[0].append(f"[{key!r}]")
                     return found
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
             if isinstance(item, dict | list | tuple):
-                found = _non_text_key(item, f"{path}[{index}]")
+                found = _non_text_key(item)
                 if found is not None:
+                    found[0].append(f"[{index}]")
                     return found
     return None
 

@@ -560,6 +560,10 @@ class Relay:
                 return 0, True
             self._broker_failed(exc)
             return 0, False
+        except BaseException as exc:
+            if traced is not None:  # the database, say: the claim rolled back too
+                traced.finish(None, error=f"the batch failed: {exc!r}")
+            raise
         if traced is not None:
             traced.finish(outcome)
         self._isolate = max(0, self._isolate - 1)

@@ -594,9 +594,12 @@ def _crash_loop(
         headers = _carried_headers(request, {})
         replay_args, replay_kwargs, options = _replay_call(task, request, args, kwargs, headers)
         _, message = task._capture(replay_args, replay_kwargs, **options)
+        first = _header(request, FIRST_ATTEMPT_HEADER)
         dead.capture(
-            message, reason=DeadReason.CRASH_LOOP, args=args, kwargs=kwargs, idempotency_key=key
-        )
+            message, reason=DeadReason.CRASH_LOOP, args=args, kwargs=kwargs, idempotency_key=key,
+            attempt_count=int(request.retries or 0) + 1,
+            first_failed_at=datetime.fromisoformat(first) if first else None,
+        )  # fmt: skip
     return True
 
 

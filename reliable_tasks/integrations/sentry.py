@@ -26,7 +26,7 @@ from reliable_tasks.dead import qualname
 try:
     import sentry_sdk
     from sentry_sdk.integrations.logging import ignore_logger
-    from sentry_sdk.tracing import BAGGAGE_HEADER_NAME, SENTRY_TRACE_HEADER_NAME
+    from sentry_sdk.tracing import BAGGAGE_HEADER_NAME, SENTRY_TRACE_HEADER_NAME, Transaction
     from sentry_sdk.tracing_utils import PropagationContext, has_tracing_enabled
     from sentry_sdk.utils import event_from_exception
 except ImportError:  # the "sentry" extra is not installed: connect() does nothing
@@ -315,6 +315,13 @@ class Publishing:
                 incoming, op=self.OP, name=row.task_name, source="task", origin=self.ORIGIN
             )
             transaction: Any = sentry_sdk.start_transaction(continued)
+            if not isinstance(transaction, Transaction):
+                # Another tracing setup (OpenTelemetry, streamed spans) gives no transaction to
+                # hand on: the producer's headers go out as they are.
+                return row
+            # Entered as a context manager is, so that ending it also ends what sentry-sdk
+            # started with it (a continuous profile, in "trace" lifecycle).
+            transaction.__enter__()
         transaction.set_data("messaging.message.id", row.task_id)
         transaction.set_data("messaging.destination.name", row.routing_key or row.queue)
         transaction.set_data("reliable_tasks.outbox_id", row.id)
@@ -329,15 +336,18 @@ class Publishing:
         )
 
     def finish(self, outcome: BatchOutcome | None, error: str = "") -> None:
-        """End each transaction: ok when the broker confirmed its row, an error otherwise."""
-        for row_id, transaction in self.transactions.items():
+        """End each transaction: ok when the broker confirmed its row, an error otherwise.
+        Once only: a second call does nothing."""
+        transactions, self.transactions = self.transactions, {}
+        confirmed = set(outcome.confirmed) if outcome is not None else set()
+        for row_id, transaction in transactions.items():
             try:
-                if outcome is not None and row_id in outcome.confirmed:
+                if row_id in confirmed:
                     transaction.set_status("ok")
                 else:
                     reason = outcome.failed.get(row_id, "") if outcome is not None else error
                     transaction.set_status("internal_error")
                     transaction.set_data("reliable_tasks.not_published", reason or "unknown")
-                transaction.finish()
+                transaction.__exit__(None, None, None)
             except Exception:  # a report that fails changes nothing
                 logger.debug("relay span of row %d not sent", row_id, exc_info=True)

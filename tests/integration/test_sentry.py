@@ -404,14 +404,22 @@ def test_a_worker_process_continues_the_producers_trace_from_the_published_messa
     assert task["contexts"]["trace"]["parent_span_id"] == relay_trace["span_id"]
 
 
+@pytest.mark.parametrize(
+    "relay_options",
+    [
+        {},  # Sentry without tracing
+        # Tracing through OpenTelemetry: sentry-sdk gives the relay no transaction to hand on.
+        {"traces_sample_rate": 1.0, "instrumenter": "otel"},
+    ],
+)
 def test_a_relay_without_tracing_publishes_the_producers_headers_as_they_are(
-    init_sentry: InitSentry, broker: Broker, relay: Relay
+    init_sentry: InitSentry, broker: Broker, relay: Relay, relay_options: dict[str, Any]
 ) -> None:
     init_sentry(traces_sample_rate=1.0)
     with sentry_sdk.start_transaction(name="checkout"):
         result = record.delay("traced")
     stored = OutboxMessage.objects.get(task_id=result.id).headers["sentry-trace"]
-    sent = init_sentry()  # the relay's process: Sentry without tracing
+    sent = init_sentry(**relay_options)  # the relay's process
     relay.drain()
     [message] = broker.get_all(expect=1)
     assert message.headers["sentry-trace"] == stored
