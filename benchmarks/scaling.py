@@ -137,7 +137,7 @@ def _drain_in_process(name: str, broker: Any, helpers: Any, *, quorum: bool = Fa
 
 def report_rows(f: dict[str, float]) -> list[tuple[str, str, str]]:
     """The report's lines for these figures."""
-    rows: list[tuple[str, str, str]] = [
+    return [
         (f"Scaling: {ROWS:,} committed rows, mean of {ROUNDS} interleaved rounds", "", ""),
         ("two relay processes (PostgreSQL, SKIP LOCKED)",
          f"{f['relays_2_msgs_per_s']:,.0f} msg/s", f"{f['relays_2_vs_1']:.2f}x"),
@@ -148,4 +148,3 @@ def report_rows(f: dict[str, float]) -> list[tuple[str, str, str]]:
         ("baseline: one relay into a classic durable queue",
          f"{f['classic_queue_msgs_per_s']:,.0f} msg/s", "1.00x"),
     ]  # fmt: skip
-    return rows

@@ -21,7 +21,7 @@ from django.utils import timezone
 from kombu import serialization
 from kombu.utils import json as kombu_json
 
-from . import amqp_frames, log, signals
+from . import amqp_frames, log, pruning, signals
 from .conf import conf
 from .exceptions import ReliableTasksError
 from .models import DeadReason, DeadStatus, DeadTask, OutboxMessage, TaskAttempt
@@ -97,18 +97,12 @@ def prune(*, limit: int, now: datetime | None = None) -> int:
     """Delete up to ``limit`` requeued or discarded dead tasks and attempt records past
     ``RELIABLE_TASKS_DEAD_TASK_RETENTION``. Dead tasks nobody acted on are kept.
     """
-    deleted = 0
-    for old in _prunable(now):
-        if deleted < limit:
-            ids = list(old.values_list("pk", flat=True)[: limit - deleted])
-            if ids:
-                deleted += old.model.objects.using(conf.DATABASE).filter(pk__in=ids).delete()[0]
-    return deleted
+    return pruning.delete_batch(_prunable(now), limit)
 
 
 def prunable(*, now: datetime | None = None) -> int:
     """How many rows ``prune`` would delete in all."""
-    return sum(old.count() for old in _prunable(now))
+    return pruning.count(_prunable(now))
 
 
 def _prunable(now: datetime | None) -> tuple[QuerySet[DeadTask], QuerySet[TaskAttempt]]:

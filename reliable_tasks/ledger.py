@@ -26,10 +26,12 @@ from typing import Any
 
 from django.core.cache import caches
 from django.db import connections
+from django.db.models import QuerySet
 from django.utils import timezone
 from django_redis.client import ShardClient
 from kombu.utils import json as kombu_json
 
+from . import pruning
 from .conf import conf
 from .models import IdempotencyKey, LedgerState
 
@@ -267,22 +269,15 @@ def prune(*, limit: int, now: datetime | None = None) -> int:
 
     Done keys count from their completion; abandoned running keys from their lease's end.
     """
-    ids: list[int] = []
-    for expired in _prunable(now):
-        if len(ids) < limit:
-            ids += expired.values_list("pk", flat=True)[: limit - len(ids)]
-    if not ids:
-        return 0
-    deleted, _ = IdempotencyKey.objects.using(conf.DATABASE).filter(pk__in=ids).delete()
-    return deleted
+    return pruning.delete_batch(_prunable(now), limit)
 
 
 def prunable(*, now: datetime | None = None) -> int:
     """How many keys ``prune`` would delete in all (counted over the ledger's indexes)."""
-    return sum(expired.count() for expired in _prunable(now))
+    return pruning.count(_prunable(now))
 
 
-def _prunable(now: datetime | None) -> tuple[Any, Any]:
+def _prunable(now: datetime | None) -> tuple[QuerySet[IdempotencyKey], QuerySet[IdempotencyKey]]:
     cutoff = (now or timezone.now()) - conf.IDEMPOTENCY_RETENTION
     keys = IdempotencyKey.objects.using(conf.DATABASE)
     return (

@@ -28,7 +28,7 @@ from kombu import serialization
 from kombu.exceptions import EncodeError
 from kombu.utils.uuid import uuid
 
-from . import amqp_frames
+from . import amqp_frames, pruning
 from .conf import conf
 from .exceptions import PayloadNotSerializable, PayloadTooLarge, UnsupportedOption
 
@@ -494,39 +494,42 @@ def _refuse_non_text_keys(task_name: str, body: Any) -> None:
     """JSON writes any dict key as text: ``{1: "a"}`` would reach the task as ``{"1": "a"}``."""
     if not (isinstance(body, tuple | list) and len(body) >= 2):  # Celery's (args, kwargs, embed)
         return
-    for top, value in (("args", body[0]), ("kwargs", body[1])):
-        found = _non_text_key(value)
-        if found is not None:
-            places, key = found
-            path = top + "".join(reversed(places))
-            raise PayloadNotSerializable(
-                f"task {task_name!r} cannot be enqueued: {path} has the key {key!r} (type "
-                f"{type(key).__name__}), and JSON object keys are text: the task would receive "
-                f"{str(key)!r} in its place. Use string keys, or a list of pairs. Nothing was "
-                "written to the outbox; the transaction is still usable."
-            )
+    args, kwargs = body[0], body[1]
+    if not (_has_non_text_key(args) or _has_non_text_key(kwargs)):
+        return  # every enqueue: a walk without paths; where the key is, only when there is one
+    found = _first_unencodable(args, "args", _anything, _is_text) or _first_unencodable(
+        kwargs, "kwargs", _anything, _is_text
+    )
+    assert found is not None  # the walk above found one
+    path, key = found
+    raise PayloadNotSerializable(
+        f"task {task_name!r} cannot be enqueued: {path} has the key {key!r} (type "
+        f"{type(key).__name__}), and JSON object keys are text: the task would receive "
+        f"{str(key)!r} in its place. Use string keys, or a list of pairs. Nothing was "
+        "written to the outbox; the transaction is still usable."
+    )
 
 
-def _non_text_key(value: Any) -> tuple[list[str], Any] | None:
-    """The first key in ``value`` that is not a string, and where it is: the path's parts,
-    innermost first (built only on the way back from a find)."""
+def _has_non_text_key(value: Any) -> bool:
     if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                return [], key
-            if isinstance(item, dict | list | tuple):
-                found = _non_text_key(item)
-                if found is not None:
-                    found[0].append(f"[{key!r}]")
-                    return found
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            if isinstance(item, dict | list | tuple):
-                found = _non_text_key(item)
-                if found is not None:
-                    found[0].append(f"[{index}]")
-                    return found
-    return None
+        return any(
+            not isinstance(key, str)
+            or (isinstance(item, dict | list | tuple) and _has_non_text_key(item))
+            for key, item in value.items()
+        )
+    if isinstance(value, list | tuple):
+        return any(
+            isinstance(item, dict | list | tuple) and _has_non_text_key(item) for item in value
+        )
+    return False
+
+
+def _anything(value: Any) -> bool:
+    return True
+
+
+def _is_text(key: Any) -> bool:
+    return isinstance(key, str)
 
 
 def _encode_mapping(task_name: str, what: str, value: Mapping[str, Any]) -> str:
@@ -572,18 +575,25 @@ def _json_encodes(value: Any) -> bool:
     return True
 
 
+_NO_KEY = object()
+
+
 def _first_unencodable(
-    value: Any, path: str, encodes: Callable[[Any], bool]
+    value: Any, path: str, encodes: Callable[[Any], bool], key_ok: Callable[[Any], bool] = _anything
 ) -> tuple[str, Any] | None:
-    """The path and value of the first leaf that ``encodes`` refuses, depth first."""
+    """The path and value of the first leaf that ``encodes`` refuses, depth first; or the path
+    of a mapping and the first of its keys that ``key_ok`` refuses."""
     if isinstance(value, Mapping):
+        bad_key = next((k for k in value if not key_ok(k)), _NO_KEY)
+        if bad_key is not _NO_KEY:
+            return path, bad_key
         children = [(f"{path}[{k!r}]", v) for k, v in value.items()]
     elif isinstance(value, list | tuple):
         children = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
     else:
         return None if encodes(value) else (path, value)
     for child_path, child in children:
-        found = _first_unencodable(child, child_path, encodes)
+        found = _first_unencodable(child, child_path, encodes, key_ok)
         if found:
             return found
     return None
@@ -613,17 +623,12 @@ def _human(size: int) -> str:
 
 def prune(*, limit: int, now: datetime | None = None) -> int:
     """Delete up to ``limit`` dispatched rows older than ``RELIABLE_TASKS_OUTBOX_RETENTION``."""
-    expired = _prunable(now)
-    ids = list(expired.order_by("dispatched_at").values_list("pk", flat=True)[:limit])
-    if not ids:
-        return 0
-    deleted, _ = expired.model.objects.using(conf.DATABASE).filter(pk__in=ids).delete()
-    return deleted
+    return pruning.delete_batch([_prunable(now).order_by("dispatched_at")], limit)
 
 
 def prunable(*, now: datetime | None = None) -> int:
     """How many rows ``prune`` would delete in all (counted over the dispatched rows' index)."""
-    return _prunable(now).count()
+    return pruning.count([_prunable(now)])
 
 
 def _prunable(now: datetime | None) -> QuerySet[OutboxMessage]:

@@ -551,19 +551,17 @@ class Relay:
                     rows = traced.rows
                 outcome = publisher.publish_batch(rows, conf.RELAY_CONFIRM_TIMEOUT)
                 self._mark(rows, outcome)
-        except publisher.errors as exc:
+        except BaseException as exc:
             # The claim rolled back: every row of the batch is pending again.
             if traced is not None:
                 traced.finish(None, error=f"the batch failed: {exc!r}")
+            if not isinstance(exc, publisher.errors):
+                raise  # the database, say
             if isinstance(exc, publisher.channel_errors):
                 self._channel_failed(rows, exc)
                 return 0, True
             self._broker_failed(exc)
             return 0, False
-        except BaseException as exc:
-            if traced is not None:  # the database, say: the claim rolled back too
-                traced.finish(None, error=f"the batch failed: {exc!r}")
-            raise
         if traced is not None:
             traced.finish(outcome)
         self._isolate = max(0, self._isolate - 1)

@@ -434,8 +434,7 @@ def _failed(
     if task.app.conf.task_always_eager:
         raise exc  # eager mode runs inline with Celery's semantics: the error is the caller's
     attempt = int(request.retries or 0) + 1
-    first_raw = _header(request, FIRST_ATTEMPT_HEADER)
-    first = datetime.fromisoformat(first_raw) if first_raw else started_at
+    first = _first_attempt(request) or started_at
     previous = _header(request, PREVIOUS_DELAY_HEADER)
     # A retry the task asked for records the error that led to it, when it named one.
     cause: Exception = exc
@@ -594,13 +593,17 @@ def _crash_loop(
         headers = _carried_headers(request, {})
         replay_args, replay_kwargs, options = _replay_call(task, request, args, kwargs, headers)
         _, message = task._capture(replay_args, replay_kwargs, **options)
-        first = _header(request, FIRST_ATTEMPT_HEADER)
         dead.capture(
             message, reason=DeadReason.CRASH_LOOP, args=args, kwargs=kwargs, idempotency_key=key,
-            attempt_count=int(request.retries or 0) + 1,
-            first_failed_at=datetime.fromisoformat(first) if first else None,
+            attempt_count=int(request.retries or 0) + 1, first_failed_at=_first_attempt(request),
         )  # fmt: skip
     return True
+
+
+def _first_attempt(request: Any) -> datetime | None:
+    """When the first attempt of this run of retries started, from its header."""
+    first = _header(request, FIRST_ATTEMPT_HEADER)
+    return datetime.fromisoformat(first) if first else None
 
 
 def _header(request: Any, name: str) -> Any:

@@ -404,6 +404,23 @@ def test_a_worker_process_continues_the_producers_trace_from_the_published_messa
     assert task["contexts"]["trace"]["parent_span_id"] == relay_trace["span_id"]
 
 
+def test_the_relay_span_of_a_row_the_broker_refused_says_why(
+    init_sentry: InitSentry, broker: Broker, relay: Relay
+) -> None:
+    sent = init_sentry(traces_sample_rate=1.0)
+    with sentry_sdk.start_transaction(name="checkout") as producer:
+        result = record.apply_async(
+            ("refused",), exchange="rt-tests-no-such-exchange", routing_key="x"
+        )
+    assert relay.run_once() == 0
+    [published] = [t for t in sent.transactions if t["contexts"]["trace"]["op"] == "queue.publish"]
+    trace = published["contexts"]["trace"]
+    assert (trace["status"], trace["trace_id"]) == ("internal_error", producer.trace_id)
+    assert trace["data"]["messaging.message.id"] == result.id
+    assert "NOT_FOUND" in trace["data"]["reliable_tasks.not_published"]
+    assert OutboxMessage.objects.get().status == "pending"
+
+
 @pytest.mark.parametrize(
     "relay_options",
     [

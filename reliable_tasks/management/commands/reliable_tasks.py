@@ -285,19 +285,18 @@ class _Progress:
         if not self.enabled:
             return lambda deleted: None
         total = prunable()  # counted once, over the indexes the pruning itself uses
-        shown = [0]
+        count = 0
 
         def show(deleted: int | None) -> None:
+            nonlocal count
             done = deleted is None
-            if deleted is not None:
-                shown[0] = deleted
+            count = count if deleted is None else deleted
             # Rows that expire while pruning runs are deleted too: the total grows with them.
-            whole = max(total, shown[0]) or 1
-            filled = self.WIDTH if done else self.WIDTH * shown[0] // whole
+            whole = max(total, count)
+            filled = self.WIDTH if done else self.WIDTH * count // (whole or 1)
             bar = "#" * filled + "." * (self.WIDTH - filled)
             self.out.write(
-                f"\r{what:<36} [{bar}] {shown[0]:,} / {max(total, shown[0]):,}",
-                ending="\n" if done else "",
+                f"\r{what:<36} [{bar}] {count:,} / {whole:,}", ending="\n" if done else ""
             )
             self.out.flush()
 

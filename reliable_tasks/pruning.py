@@ -1,0 +1,27 @@
+"""Deleting what is past its retention in batches: the outbox, the ledger and dead tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from django.db.models import QuerySet
+
+
+def delete_batch(expired: Iterable[QuerySet[Any]], limit: int) -> int:
+    """Delete up to ``limit`` rows of the ``expired`` queries, one after the other, each in its
+    own order; return how many. Each batch is one ``DELETE`` by primary key per query, so a
+    large backlog never becomes one long statement."""
+    deleted = 0
+    for rows in expired:
+        if deleted >= limit:
+            break
+        ids = list(rows.values_list("pk", flat=True)[: limit - deleted])
+        if ids:
+            deleted += rows.model._base_manager.using(rows.db).filter(pk__in=ids).delete()[0]
+    return deleted
+
+
+def count(expired: Iterable[QuerySet[Any]]) -> int:
+    """How many rows ``delete_batch`` would delete in all, over every batch."""
+    return sum(rows.count() for rows in expired)
