@@ -35,6 +35,16 @@ from . import pruning
 from .conf import conf
 from .models import IdempotencyKey, LedgerState
 
+_ClientCursor: Any = None
+_IDLE: Any = None
+try:
+    from psycopg import ClientCursor as _ClientCursor
+    from psycopg.pq import TransactionStatus
+
+    _IDLE = TransactionStatus.IDLE
+except ImportError:  # psycopg2, or no PostgreSQL driver
+    pass
+
 logger = logging.getLogger("reliable_tasks.ledger")
 
 
@@ -97,7 +107,7 @@ def claim(
         # A new key, the usual case: a plain insert, which a new database session plans in
         # half the time of the upsert. A key that exists (or that a concurrent transaction
         # holds, whose end the insert waits for) is left alone, and the upsert below decides.
-        cursor.execute(_statement(connection, "insert"), params)
+        _execute_first(connection, cursor, _statement(connection, "insert"), params)
         row = cursor.fetchone()
         if row is None:
             cursor.execute(
@@ -169,13 +179,54 @@ def _commits_with_statement(cursor: Any) -> bool:
     """Can a statement on this cursor end with "; COMMIT"? Only psycopg 3's client-side
     binding cursors send several statements in one string (the simple query protocol), and
     psycopg 3 asks the server, not its own bookkeeping, whether a transaction is open."""
-    if cursor.db.vendor != "postgresql":
-        return False
+    return (
+        cursor.db.vendor == "postgresql"
+        and _ClientCursor is not None
+        and isinstance(cursor.cursor, _ClientCursor)
+    )
+
+
+def _execute_first(connection: Any, cursor: Any, sql: str, params: list[Any]) -> None:
+    """Execute the first statement of the transaction Django's ``atomic()`` just opened.
+
+    psycopg 3 starts a transaction by sending its BEGIN on its own, one round trip, before
+    the first statement. Where it can, this statement carries the BEGIN instead ("BEGIN ...;
+    INSERT ...", psycopg's own BEGIN with its isolation level and access mode): a round trip
+    less for every execution, whose connection is new when Celery closes it around each task.
+    psycopg sends no BEGIN of its own while it counts as in autocommit, which it does for this
+    one statement; then it is told again that it is not, as Django left it. Elsewhere (another
+    driver, server-side binding, a transaction already under way) the statement goes as usual.
+    """
+    raw = connection.connection
+    begin = _begin_statement(connection, cursor, raw)
+    if begin is None:
+        cursor.execute(sql, params)
+        return
+    raw.autocommit = True
     try:
-        from psycopg import ClientCursor
-    except ImportError:  # psycopg2
-        return False
-    return isinstance(cursor.cursor, ClientCursor)
+        cursor.execute(f"{begin}; {sql}", params)
+    finally:
+        # The server has the transaction open now (or, if the statement failed, open and
+        # failed, for Django's rollback): psycopg refuses to switch autocommit off in one,
+        # so its flag is set back directly.
+        raw._autocommit = False
+    cursor.nextset()  # past BEGIN's empty result, to the statement's
+
+
+def _begin_statement(connection: Any, cursor: Any, raw: Any) -> str | None:
+    """psycopg's BEGIN for the transaction about to start on ``raw``, if this statement can
+    carry it: a client-side binding cursor, an outermost ``atomic()`` with nothing sent yet."""
+    if not (
+        _commits_with_statement(cursor)
+        and connection.in_atomic_block
+        and not connection.savepoint_ids
+        and raw.info.transaction_status == _IDLE
+        and not raw.autocommit
+        and hasattr(raw, "_autocommit")
+        and hasattr(raw, "_get_tx_start_command")
+    ):
+        return None
+    return str(raw._get_tx_start_command().decode())
 
 
 def _statement(connection: Any, name: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -70,7 +71,12 @@ def test_an_atomic_key_is_written_done_in_one_statement_and_then_only_its_result
     def ledger_statements(task: object, key: str) -> list[str]:
         with CaptureQueriesContext(connection) as queries:
             task.apply((key,), task_id=key)  # type: ignore[attr-defined]
-        return [q["sql"].split()[0] for q in queries if "reliable_tasks_ledger" in q["sql"]]
+        # On PostgreSQL the claim also carries the transaction's BEGIN (tested below).
+        return [
+            q["sql"].rpartition("BEGIN; ")[2].split()[0]
+            for q in queries
+            if "reliable_tasks_ledger" in q["sql"]
+        ]
 
     assert ledger_statements(record, "with-result") == ["INSERT", "UPDATE"]
     assert ledger_statements(record_quietly, "no-result") == ["INSERT"]
@@ -131,6 +137,97 @@ def test_the_result_carries_the_commit_in_its_round_trip_and_a_failure_there_rol
     assert not IdempotencyKey.objects.filter(key="refused").exists()
     [attempt] = TaskAttempt.objects.filter(task_id="refused")
     assert "result refused" in attempt.message
+
+
+@pytest.mark.postgres
+def test_the_claim_carries_the_transactions_begin_one_round_trip_less(tmp_path: Path) -> None:
+    """What goes over the wire, from libpq's own trace: the claim's query string starts the
+    transaction, psycopg sends no BEGIN of its own, and the result's update ends it."""
+    from psycopg import pq
+
+    connection.ensure_connection()
+    raw = connection.connection
+    trace = tmp_path / "libpq.trace"
+    with trace.open("w") as out:
+        raw.pgconn.trace(out.fileno())
+        raw.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+        try:
+            assert record.apply(("wire",), task_id="wire").get() == "wire"
+        finally:
+            raw.pgconn.untrace()
+    # One message per entry; a query's text spans lines where the SQL does.
+    messages = re.split(r"^(?=[FB]\t)", trace.read_text(), flags=re.MULTILINE)
+    sent = [
+        " ".join(m.split("\t", 3)[3].split()).strip('"')
+        for m in messages
+        if m.startswith("F\t") and m.split("\t", 3)[2] == "Query"
+    ]
+    assert [query.split()[:2] for query in sent] == [
+        ["BEGIN;", "INSERT"],  # the claim, carrying the BEGIN
+        ["INSERT", "INTO"],  # the task's own write
+        ["UPDATE", '"reliable_tasks_ledger"'],  # the result, carrying the COMMIT
+    ], sent
+    assert '"reliable_tasks_ledger"' in sent[0]
+    assert sent[2].endswith("; COMMIT")
+    assert Effect.objects.filter(key="wire").count() == 1
+    assert IdempotencyKey.objects.get(key="wire").result == "wire"
+
+
+@pytest.mark.postgres
+def test_the_carried_begin_keeps_the_isolation_level_and_leaves_psycopg_as_django_set_it() -> None:
+    """The BEGIN is psycopg's own, with the connection's isolation level; during the task's
+    body psycopg counts as out of autocommit again (Django's server-side cursors depend on it)."""
+    from psycopg import IsolationLevel
+    from psycopg.pq import TransactionStatus
+
+    seen: list[tuple[str, bool, TransactionStatus]] = []
+
+    def watch(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if "testapp_effect" in sql:  # the task's body, after the claim
+            raw = connection.connection
+            with raw.cursor() as cursor:
+                isolation = cursor.execute("SHOW transaction_isolation").fetchone()
+            seen.append((isolation[0], raw.autocommit, raw.info.transaction_status))
+        return execute(sql, params, many, context)
+
+    connection.ensure_connection()
+    connection.connection.isolation_level = IsolationLevel.SERIALIZABLE
+    try:
+        with connection.execute_wrapper(watch):
+            assert record.apply(("isolated",), task_id="isolated").get() == "isolated"
+    finally:
+        connection.close()  # the next test's connection has the project's isolation level
+    assert seen == [("serializable", False, TransactionStatus.INTRANS)]
+    assert Effect.objects.filter(key="isolated").count() == 1
+
+
+@pytest.mark.postgres
+def test_a_claim_that_fails_with_its_begin_rolls_back_and_the_next_execution_runs() -> None:
+    """The statement carrying the BEGIN fails (a trigger refuses the key): the transaction it
+    opened is rolled back, the connection is usable, and nothing of the task was written."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE FUNCTION rt_test_refuse_claim() RETURNS trigger AS $$ BEGIN "
+            "RAISE EXCEPTION 'claim refused'; END $$ LANGUAGE plpgsql"
+        )
+        cursor.execute(
+            "CREATE TRIGGER rt_test_refuse_claim BEFORE INSERT ON reliable_tasks_ledger "
+            "FOR EACH ROW WHEN (NEW.key = 'refused-claim') EXECUTE FUNCTION rt_test_refuse_claim()"
+        )
+    try:
+        outcome = record.apply(("refused-claim",), task_id="refused-claim")
+        assert connection.connection.info.transaction_status.name == "IDLE"
+        assert connection.connection.autocommit is True  # as Django leaves it between tasks
+        assert record.apply(("after",), task_id="after").get() == "after"
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TRIGGER rt_test_refuse_claim ON reliable_tasks_ledger")
+            cursor.execute("DROP FUNCTION rt_test_refuse_claim()")
+    assert outcome.state == "RETRY"
+    assert "claim refused" in TaskAttempt.objects.get(task_id="refused-claim").message
+    assert not Effect.objects.filter(key="refused-claim").exists()
+    assert not IdempotencyKey.objects.filter(key="refused-claim").exists()
+    assert Effect.objects.filter(key="after").count() == 1
 
 
 def test_a_business_key_runs_once_across_task_ids_and_duplicates_get_the_stored_result() -> None:
