@@ -4,7 +4,9 @@ Throughput: the same task (insert one row) queued 2,000 times, run by one worker
 the same settings (prefork, 2 processes, prefetch 4): as a ReliableTask in atomic mode (ledger
 claim and "done" in the task's transaction) and as a stock Celery task with ``acks_late``. The
 rate is counted from the rows' own timestamps, first to last, so the worker's start-up is not
-in it. Three rounds each, interleaved (plain, then reliable); the ratio is taken in each round
+in it. Three rounds each, interleaved, the variant going first alternating (plain then
+reliable, reliable then plain, ...); before every run the tables are vacuumed and the database
+checkpointed, so no run meets the clean-up of the one before. The ratio is taken in each round
 and its median reported, with the lowest and highest, since the machine's speed drifts between
 rounds. Celery's Django fixup closes the
 database connection around every task, so each task opens one; one more round of each keeps
@@ -28,10 +30,11 @@ DUPLICATE_CALLS = 2_000
 
 
 def bench_worker(results: Any, processes: Any, wait_for: Callable[..., None]) -> None:
-    from django.db import transaction
+    from django.db import connection, transaction
 
     from benchmarks.benchapp.models import Order
     from benchmarks.benchapp.tasks import insert_order, plain_insert_order
+    from reliable_tasks.models import IdempotencyKey, OutboxMessage
     from reliable_tasks.relay import Relay
 
     def rate(prefix: str) -> float:
@@ -42,9 +45,18 @@ def bench_worker(results: Any, processes: Any, wait_for: Callable[..., None]) ->
         )
         return (len(stamps) - 1) / (stamps[-1] - stamps[0]).total_seconds()
 
+    def settle() -> None:
+        """The same database state before every run: the dead rows of the last one vacuumed,
+        its writes checkpointed, so that neither variant meets the other's clean-up work (an
+        autovacuum of the outbox after the relay's drain, a checkpoint) in its measured window."""
+        with connection.cursor() as cursor:
+            cursor.execute(f"VACUUM (ANALYZE) {', '.join(tables)}")
+            cursor.execute("CHECKPOINT")
+
     def run(task: Any, enqueue: Callable[[], None], offset: int, reuse: bool = False) -> float:
         Order.objects.filter(customer__startswith="worker-").delete()
         enqueue()
+        settle()
         env = {"RT_BENCH_DB_REUSE_MAX": "100000"} if reuse else None
         worker = processes.start(
             "-m", "celery", "-A", "benchmarks.celery_app", "worker", "-I", "benchmarks.benchapp.tasks",
@@ -74,10 +86,20 @@ def bench_worker(results: Any, processes: Any, wait_for: Callable[..., None]) ->
         for number in range(TASKS):
             plain_insert_order.apply_async((number,))
 
+    tables = [
+        connection.ops.quote_name(model._meta.db_table)
+        for model in (Order, IdempotencyKey, OutboxMessage)
+    ]
     reliable, plain = [], []
     for round_ in range(ROUNDS):
-        plain.append(run(plain_insert_order, enqueue_plain, 2 * round_))
-        reliable.append(run(insert_order, enqueue_reliable, 2 * round_ + 1))
+        # Which variant goes first alternates, so that a machine slowing down (or speeding up)
+        # over the stage favours neither.
+        variants = [
+            (plain, plain_insert_order, enqueue_plain),
+            (reliable, insert_order, enqueue_reliable),
+        ]
+        for number, (rates, task, enqueue) in enumerate(variants[:: 1 if round_ % 2 == 0 else -1]):
+            rates.append(run(task, enqueue, 2 * round_ + number))
     ratios = [r / p for r, p in zip(reliable, plain, strict=True)]
     results.figures["worker_reliable_tasks_per_s"] = statistics.median(reliable)
     results.figures["worker_plain_acks_late_tasks_per_s"] = statistics.median(plain)
