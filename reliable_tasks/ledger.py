@@ -30,6 +30,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 from django_redis.client import ShardClient
 from kombu.utils import json as kombu_json
+from redis import exceptions as redis_exceptions
 
 from . import pruning
 from .conf import conf
@@ -421,6 +422,8 @@ class DoneCache:
 
     def __init__(self) -> None:
         self._down = False
+        #: Whether Redis runs the start script (False once it refused it).
+        self._scripts = True
         self._background = BackgroundWrites(self.write)
 
     def _cache_key(self, task_name: str, key: str) -> str:
@@ -465,17 +468,18 @@ class DoneCache:
             if client is not None:
                 # A set of the executions in progress: one that ends removes only itself, and
                 # Redis drops the set when it is empty.
-                pipe = client.pipeline(transaction=False)
-                pipe.get(cache.make_key(done_key))
-                if redelivered:
-                    pipe.smembers(cache.make_key(mark))
-                pipe.sadd(cache.make_key(mark), writes.token)
-                pipe.expire(cache.make_key(mark), timeout)
-                raw, *replies = pipe.execute()
+                raw, others = self._start_in_redis(
+                    client,
+                    cache.make_key(done_key),
+                    cache.make_key(mark),
+                    writes.token,
+                    timeout,
+                    redelivered,
+                )
                 value = None if raw is None else cache.client.decode(raw)  # type: ignore[attr-defined]
                 interrupted = None
                 if redelivered:
-                    others = replies[0]
+                    others = others or []
                     writes.seen = [m.decode() if isinstance(m, bytes) else str(m) for m in others]
                     interrupted = bool(others)
             else:
@@ -487,6 +491,43 @@ class DoneCache:
             return None, None
         self._recovered()
         return _done_value(value), interrupted
+
+    def _start_in_redis(
+        self, client: Any, done: str, mark: str, token: str, timeout: int, redelivered: bool
+    ) -> tuple[bytes | None, list[Any] | None]:
+        """The done key's raw value and (``redelivered``) the marks found; adds this mark.
+
+        One command, the start script, where Redis runs scripts; a server that refuses them
+        (an ACL without ``@scripting``, EVALSHA renamed away) gets the same commands in a
+        pipeline, from then on in this process.
+        """
+        if self._scripts:
+            try:
+                try:
+                    done_value, others = client.evalsha(
+                        _START_SHA, 2, done, mark, token, timeout, int(redelivered)
+                    )
+                except redis_exceptions.NoScriptError:
+                    client.script_load(_START_SCRIPT)  # a restarted or flushed server
+                    done_value, others = client.evalsha(
+                        _START_SHA, 2, done, mark, token, timeout, int(redelivered)
+                    )
+                return done_value, others
+            except redis_exceptions.ResponseError as exc:
+                self._scripts = False
+                logger.info(
+                    "Redis refused the ledger's start script (%s); sending its commands in a "
+                    "pipeline instead",
+                    exc,
+                )
+        pipe = client.pipeline(transaction=False)
+        pipe.get(done)
+        if redelivered:
+            pipe.smembers(mark)
+        pipe.sadd(mark, token)
+        pipe.expire(mark, timeout)
+        done_value, *replies = pipe.execute()
+        return done_value, replies[0] if redelivered else None
 
     def remember(
         self,
@@ -687,6 +728,20 @@ class BackgroundWrites:
                 return True
             batch.append(writes)
         return False
+
+
+#: An execution's start in one round trip and one command: the done key, the marks of earlier
+#: executions of the task id (only for a redelivery, ARGV[3] = 1), and this execution's mark
+#: added to them with the set's expiry renewed. A nil GET comes back as nil.
+_START_SCRIPT = """
+local done = redis.call('GET', KEYS[1])
+local seen = false
+if ARGV[3] == '1' then seen = redis.call('SMEMBERS', KEYS[2]) end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return {done, seen}
+"""
+_START_SHA = hashlib.sha1(_START_SCRIPT.encode()).hexdigest()
 
 
 def _done_value(value: Any) -> tuple[str, Any] | None:

@@ -462,6 +462,101 @@ def test_django_redis_sharded_client_serves_the_fast_path_through_the_cache_api(
     assert list(Observed.objects.values_list("kind", "cached")) == [("duplicate", True)]
 
 
+def _calls(client: Any, *commands: str) -> dict[str, int]:
+    """How many times Redis ran each command so far (its INFO commandstats; commands a
+    script runs count too)."""
+    stats = client.info("commandstats")
+    return {name: stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in commands}
+
+
+@pytest.fixture
+def sent_to_redis(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What this process sends to Redis, one entry per round trip: a command's name, or
+    "pipeline" for a pipeline of them."""
+    import redis
+
+    sent: list[str] = []
+    execute_command, execute = redis.Redis.execute_command, redis.client.Pipeline.execute
+
+    def command(self: Any, *args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]).upper())
+        return execute_command(self, *args, **options)
+
+    def pipeline(self: Any, *args: Any, **options: Any) -> Any:
+        sent.append("pipeline")
+        return execute(self, *args, **options)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", command)
+    monkeypatch.setattr(redis.client.Pipeline, "execute", pipeline)
+    return sent
+
+
+def test_an_execution_starts_in_one_redis_command_and_a_flushed_script_is_loaded_again(
+    sent_to_redis: list[str],
+) -> None:
+    """The start script: one EVALSHA per execution, in one round trip. A server that lost
+    its scripts (restarted, SCRIPT FLUSH) is given it again, once."""
+    client = ledger.redis_client(cache)
+    client.script_flush()
+    before = _calls(client, "evalsha", "script|load")
+    sent_to_redis.clear()
+    record.apply(("scripted",), task_id="scripted")
+    first = sent_to_redis[:]
+    sent_to_redis.clear()
+    assert record.apply(("scripted",), task_id="scripted").get() == "scripted"
+    again = sent_to_redis[:]
+    after = _calls(client, "evalsha", "script|load")
+    # The start, then the execution's end writes (its mark removed, its done key, metrics).
+    assert first == ["EVALSHA", "SCRIPT LOAD", "EVALSHA", "pipeline"]
+    assert again == ["EVALSHA", "pipeline"]  # the duplicate, answered from the cache
+    assert after["script|load"] - before["script|load"] == 1
+    assert after["evalsha"] - before["evalsha"] == 3  # the refused one counts: Redis got it
+    assert list(Observed.objects.values_list("kind", "cached")) == [("duplicate", True)]
+    assert ledger.done_cache._scripts is True
+
+
+def test_a_redis_that_refuses_scripts_gets_the_start_as_a_pipeline(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, sent_to_redis: list[str]
+) -> None:
+    """A Redis user without the scripting commands (an ACL): the start goes as plain commands
+    from then on, said once in the log; marks and the fast path work as before."""
+    admin = ledger.redis_client(cache)
+    admin.acl_setuser(
+        "rt-noscript", enabled=True, nopass=True, keys=["*"], channels=["*"],
+        commands=["+@all", "-@scripting"],
+    )  # fmt: skip
+    monkeypatch.setattr(ledger.done_cache, "_scripts", True)
+    location = settings.CACHES["default"]["LOCATION"].replace("redis://", "redis://rt-noscript@")
+    refusing = {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": location}
+    try:
+        with override_settings(
+            CACHES={"default": settings.CACHES["default"], "refusing": refusing},
+            RELIABLE_TASKS_CACHE_ALIAS="refusing",
+        ):
+            client = ledger.redis_client(caches["refusing"])
+            assert client.acl_whoami() == "rt-noscript"
+            before = _calls(admin, "evalsha", "sadd")
+            sent_to_redis.clear()
+            with caplog.at_level("INFO", logger="reliable_tasks.ledger"):
+                assert sees_its_own_mark.apply(task_id="plain-mark").get() is True
+                record.apply(("unscripted",), task_id="unscripted")
+                ledger.done_cache.flush()
+                assert record.apply(("unscripted",), task_id="unscripted").get() == "unscripted"
+            after = _calls(admin, "evalsha", "sadd")
+            caches["refusing"].clear()
+    finally:
+        admin.acl_deluser("rt-noscript")
+    assert ledger.done_cache._scripts is False
+    # Each execution marked itself, and the first one's probe of its own mark (it starts too).
+    assert after["sadd"] - before["sadd"] == 4
+    # Tried once; from then on every start is a pipeline, and so is every end.
+    assert [c for c in sent_to_redis if c in ("EVALSHA", "SCRIPT LOAD")] == ["EVALSHA"]
+    assert sent_to_redis.count("pipeline") == 8, sent_to_redis
+    refusals = [r for r in caplog.records if "refused the ledger's start script" in r.message]
+    assert len(refusals) == 1
+    assert list(Observed.objects.values_list("kind", "cached")) == [("duplicate", True)]
+
+
 @override_settings(
     CACHES={"local": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}},
     RELIABLE_TASKS_CACHE_ALIAS="local",
