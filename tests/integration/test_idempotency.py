@@ -66,21 +66,32 @@ def test_an_atomic_key_is_written_done_in_one_statement_and_then_only_its_result
     None
 ):
     """The claim commits only with the task's writes, so it is written "done" at once; what
-    follows updates the result alone (no indexed column), or nothing when there is none."""
+    follows sets the result alone (no indexed column), or nothing when there is none. The
+    result goes in as the claim's insert again, whose conflict with the claim's own row sets
+    the result on it: no second row, nothing else changed."""
 
     def ledger_statements(task: object, key: str) -> list[str]:
         with CaptureQueriesContext(connection) as queries:
             task.apply((key,), task_id=key)  # type: ignore[attr-defined]
-        # On PostgreSQL the claim also carries the transaction's BEGIN (tested below).
         return [
-            q["sql"].rpartition("BEGIN; ")[2].split()[0]
+            " ".join(q["sql"].split())
+            .partition(") ON CONFLICT (")[2]
+            .partition(")")[2]
+            .split(" WHERE")[0]
             for q in queries
             if "reliable_tasks_ledger" in q["sql"]
         ]
 
-    assert ledger_statements(record, "with-result") == ["INSERT", "UPDATE"]
-    assert ledger_statements(record_quietly, "no-result") == ["INSERT"]
+    claim, result = (
+        ' DO NOTHING RETURNING "token", "id"',
+        ' DO UPDATE SET "result" = EXCLUDED."result"',
+    )
+    assert ledger_statements(record, "with-result") == [claim, result]
+    claimed = IdempotencyKey.objects.get(key="with-result")
+    assert ledger_statements(record_quietly, "no-result") == [claim]
     keys = {k.key: k for k in IdempotencyKey.objects.all()}
+    assert len(keys) == 2
+    assert (keys["with-result"].token, keys["with-result"].attempts) == (claimed.token, 1)
     assert keys["with-result"].result == "with-result"
     assert keys["no-result"].result is None
     for key in keys.values():
@@ -103,7 +114,7 @@ def test_the_result_carries_the_commit_in_its_round_trip_and_a_failure_there_rol
 
     def watch(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
         outcome = execute(sql, params, many, context)
-        if sql.startswith("UPDATE") and "reliable_tasks_ledger" in sql:
+        if 'SET "result"' in sql:
             status = connection.connection.info.transaction_status
             after_update.append((sql.rstrip().endswith("COMMIT"), status))
         return outcome
@@ -165,9 +176,11 @@ def test_the_claim_carries_the_transactions_begin_one_round_trip_less(tmp_path: 
     assert [query.split()[:2] for query in sent] == [
         ["BEGIN;", "INSERT"],  # the claim, carrying the BEGIN
         ["INSERT", "INTO"],  # the task's own write
-        ["UPDATE", '"reliable_tasks_ledger"'],  # the result, carrying the COMMIT
+        ["INSERT", "INTO"],  # the result, carrying the COMMIT
     ], sent
     assert '"reliable_tasks_ledger"' in sent[0]
+    assert 'INTO "reliable_tasks_ledger"' in sent[2]
+    assert 'DO UPDATE SET "result"' in sent[2]
     assert sent[2].endswith("; COMMIT")
     assert Effect.objects.filter(key="wire").count() == 1
     assert IdempotencyKey.objects.get(key="wire").result == "wire"
