@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
 import threading
@@ -43,6 +44,26 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
 @pytest.fixture(autouse=True)
 def _needs_redis(redis_service: None) -> None:
     """These tests count cache hits."""
+
+
+@contextlib.contextmanager
+def ledger_refuses(event: str, key: str, message: str) -> Iterator[None]:
+    """A PostgreSQL trigger makes the ledger refuse ``event`` (INSERT, UPDATE) for ``key``."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE FUNCTION rt_test_refuse() RETURNS trigger AS $$ BEGIN "
+            f"RAISE EXCEPTION '{message}'; END $$ LANGUAGE plpgsql"
+        )
+        cursor.execute(
+            f"CREATE TRIGGER rt_test_refuse BEFORE {event} ON reliable_tasks_ledger FOR EACH ROW "
+            f"WHEN (NEW.key = '{key}') EXECUTE FUNCTION rt_test_refuse()"
+        )
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TRIGGER rt_test_refuse ON reliable_tasks_ledger")
+            cursor.execute("DROP FUNCTION rt_test_refuse()")
 
 
 def test_a_second_execution_with_the_same_task_id_returns_the_stored_result_without_running() -> (
@@ -128,21 +149,8 @@ def test_the_result_carries_the_commit_in_its_round_trip_and_a_failure_there_rol
     assert record.apply(("carried",), task_id="carried").get() == "carried"
     assert list(Observed.objects.values_list("kind", "cached")) == [("duplicate", True)]
 
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "CREATE FUNCTION rt_test_refuse() RETURNS trigger AS $$ BEGIN "
-            "RAISE EXCEPTION 'result refused'; END $$ LANGUAGE plpgsql"
-        )
-        cursor.execute(
-            "CREATE TRIGGER rt_test_refuse BEFORE UPDATE ON reliable_tasks_ledger FOR EACH ROW "
-            "WHEN (NEW.key = 'refused') EXECUTE FUNCTION rt_test_refuse()"
-        )
-    try:
+    with ledger_refuses("UPDATE", "refused", "result refused"):
         outcome = record.apply(("refused",), task_id="refused")
-    finally:
-        with connection.cursor() as cursor:
-            cursor.execute("DROP TRIGGER rt_test_refuse ON reliable_tasks_ledger")
-            cursor.execute("DROP FUNCTION rt_test_refuse()")
     assert outcome.state == "RETRY"
     assert not Effect.objects.filter(key="refused").exists()
     assert not IdempotencyKey.objects.filter(key="refused").exists()
@@ -218,24 +226,11 @@ def test_the_carried_begin_keeps_the_isolation_level_and_leaves_psycopg_as_djang
 def test_a_claim_that_fails_with_its_begin_rolls_back_and_the_next_execution_runs() -> None:
     """The statement carrying the BEGIN fails (a trigger refuses the key): the transaction it
     opened is rolled back, the connection is usable, and nothing of the task was written."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "CREATE FUNCTION rt_test_refuse_claim() RETURNS trigger AS $$ BEGIN "
-            "RAISE EXCEPTION 'claim refused'; END $$ LANGUAGE plpgsql"
-        )
-        cursor.execute(
-            "CREATE TRIGGER rt_test_refuse_claim BEFORE INSERT ON reliable_tasks_ledger "
-            "FOR EACH ROW WHEN (NEW.key = 'refused-claim') EXECUTE FUNCTION rt_test_refuse_claim()"
-        )
-    try:
+    with ledger_refuses("INSERT", "refused-claim", "claim refused"):
         outcome = record.apply(("refused-claim",), task_id="refused-claim")
         assert connection.connection.info.transaction_status.name == "IDLE"
         assert connection.connection.autocommit is True  # as Django leaves it between tasks
         assert record.apply(("after",), task_id="after").get() == "after"
-    finally:
-        with connection.cursor() as cursor:
-            cursor.execute("DROP TRIGGER rt_test_refuse_claim ON reliable_tasks_ledger")
-            cursor.execute("DROP FUNCTION rt_test_refuse_claim()")
     assert outcome.state == "RETRY"
     assert "claim refused" in TaskAttempt.objects.get(task_id="refused-claim").message
     assert not Effect.objects.filter(key="refused-claim").exists()
