@@ -765,7 +765,7 @@ redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return {done, seen}
 """
-_START_SHA = hashlib.sha1(_START_SCRIPT.encode()).hexdigest()
+_START_SHA = hashlib.sha1(_START_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
 
 def _done_value(value: Any) -> tuple[str, Any] | None:

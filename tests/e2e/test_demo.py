@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlencode
 
 import pytest
@@ -298,3 +298,79 @@ def test_the_demo_leaves_the_admin_running_and_ends_cleanly_on_ctrl_c(tmp_path: 
     for name in ("relay", "worker-1", "worker-2", "admin"):
         assert re.search(rf"^   {name}\s+stopped\b", stopping, re.MULTILINE), text
     assert "OK: every order was charged once and got one receipt" in stopping, text
+
+
+def test_the_embedded_transport_never_hands_a_worker_a_message_file_still_being_written(
+    tmp_path: Path,
+) -> None:
+    """kombu writes a message's file in place, and a worker that took it meanwhile got it empty
+    or cut short (its consumer died on "Expecting value", once in CI). The demo's transport
+    writes the file whole before it has the name a worker looks for: here a process puts
+    messages that take a while to encode while this one takes them as fast as it can, and every
+    one arrives whole."""
+    import queue as queues
+
+    from kombu import Connection
+
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    count = 200
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _PUT_MESSAGES, str(ROOT / "demo_project"), str(folder), str(count)]
+    )
+    module = _demo_transport()
+    options = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+    taken: list[int] = []
+    try:
+        with Connection(
+            "filesystem://", transport=module.Transport, transport_options=options
+        ) as c:
+            reader = c.channel()
+            deadline = time.monotonic() + 120
+            while len(taken) < count and time.monotonic() < deadline:
+                try:
+                    message = reader._get("q")
+                except queues.Empty:
+                    continue
+                assert message["lines"] == _lines(), f"message {len(taken)} arrived cut short"
+                taken.append(message["n"])
+    finally:
+        writer.kill()
+        writer.wait()
+    assert sorted(taken) == list(range(count))
+    assert not list(folder.iterdir())  # nothing left behind, no ".part" file
+
+
+def _lines() -> list[dict[str, object]]:
+    """A message body JSON takes a while to encode (kombu encoded it with the file open)."""
+    return [{"line": i, "sku": f"sku-{i}"} for i in range(5_000)]
+
+
+def _demo_transport() -> Any:
+    """The demo's transport module, loaded alone (the demo package would load its Celery app)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "demo_transport", ROOT / "demo_project" / "demo" / "transport.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_PUT_MESSAGES = """
+import importlib.util, sys
+from kombu import Connection
+root, folder, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+spec = importlib.util.spec_from_file_location("demo_transport", root + "/demo/transport.py")
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+lines = [{"line": i, "sku": f"sku-{i}"} for i in range(5_000)]
+options = {"data_folder_in": folder, "data_folder_out": folder}
+with Connection("filesystem://", transport=module.Transport, transport_options=options) as c:
+    channel = c.channel()
+    for n in range(count):
+        channel._put("q", {"n": n, "lines": lines})
+"""
