@@ -45,6 +45,11 @@ def bench_worker(results: Any, processes: Any, wait_for: Callable[..., None]) ->
         )
         return (len(stamps) - 1) / (stamps[-1] - stamps[0]).total_seconds()
 
+    tables = [
+        connection.ops.quote_name(model._meta.db_table)
+        for model in (Order, IdempotencyKey, OutboxMessage)
+    ]
+
     def settle() -> None:
         """The same database state before every run: the dead rows of the last one vacuumed,
         its writes checkpointed, so that neither variant meets the other's clean-up work (an
@@ -86,10 +91,6 @@ def bench_worker(results: Any, processes: Any, wait_for: Callable[..., None]) ->
         for number in range(TASKS):
             plain_insert_order.apply_async((number,))
 
-    tables = [
-        connection.ops.quote_name(model._meta.db_table)
-        for model in (Order, IdempotencyKey, OutboxMessage)
-    ]
     reliable, plain = [], []
     for round_ in range(ROUNDS):
         # Which variant goes first alternates, so that a machine slowing down (or speeding up)
