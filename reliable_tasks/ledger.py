@@ -11,6 +11,7 @@ database round trip; the database stays the truth.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -90,6 +91,7 @@ def claim(
     worker: str,
     lease_seconds: float,
     atomic: bool = False,
+    cursor: Any = None,
 ) -> Claim:
     """Claim ``key`` for one execution of ``task_name``.
 
@@ -97,6 +99,9 @@ def claim(
     "done" at once, since it commits only together with the task's writes (a rollback takes
     it away). Only the result is then stored (``store_result``), an update of an unindexed
     column that PostgreSQL makes without touching the indexes.
+
+    ``cursor``: a cursor of the ledger's database to run the statements on (the execution's,
+    kept for its result too); by default one of its own.
     """
     connection = connections[conf.DATABASE]
     now = timezone.now()
@@ -108,7 +113,7 @@ def claim(
         task_name, key, state, fingerprint, token, stamp(lease_until), task_id, worker,
         stamp(now), stamp(now), stamp(now) if atomic else None,
     ]  # fmt: skip
-    with connection.cursor() as cursor:
+    with _cursor(connection, cursor) as cursor:
         # A new key, the usual case: a plain insert, which a new database session plans in
         # half the time of the upsert. A key that exists (or that a concurrent transaction
         # holds, whose end the insert waits for) is left alone, and the upsert below decides.
@@ -159,7 +164,9 @@ def complete(claim: Claim, stored_result: Any) -> bool:
         return bool(cursor.rowcount == 1)
 
 
-def store_result(claim: Claim, stored_result: Any, *, commit: bool = False) -> None:
+def store_result(
+    claim: Claim, stored_result: Any, *, commit: bool = False, cursor: Any = None
+) -> None:
     """Store the result of an atomic-mode claim (already "done"), in the task's transaction.
 
     The statement is the claim's insert again, with the result, whose conflict with the row
@@ -181,7 +188,7 @@ def store_result(claim: Claim, stored_result: Any, *, commit: bool = False) -> N
         raise ValueError("store_result() takes the claim of the execution that owns the key")
     connection = connections[conf.DATABASE]
     stamp = connection.ops.adapt_datetimefield_value(claim.claimed_at)
-    with connection.cursor() as cursor:
+    with _cursor(connection, cursor) as cursor:
         sql = _statement(connection, "store_result")
         if commit and _commits_with_statement(cursor):
             sql += "; COMMIT"
@@ -193,6 +200,11 @@ def store_result(claim: Claim, stored_result: Any, *, commit: bool = False) -> N
                 _RESULT_FIELD.get_db_prep_save(stored_result, connection), claim.row_id,
             ],
         )  # fmt: skip
+
+
+def _cursor(connection: Any, cursor: Any) -> Any:
+    """``cursor`` as a context manager that leaves it open, or a new cursor of ``connection``."""
+    return connection.cursor() if cursor is None else contextlib.nullcontext(cursor)
 
 
 def _commits_with_statement(cursor: Any) -> bool:
@@ -368,6 +380,8 @@ def _prunable(now: datetime | None) -> tuple[QuerySet[IdempotencyKey], QuerySet[
 
 def encode_result(task_name: str, result: Any) -> Any:
     """The result as stored: kombu's JSON (datetimes, UUIDs, decimals survive), or None if too big."""
+    if _small_scalar(result) and conf.MAX_RESULT_BYTES >= _SMALL_SCALAR_BYTES:
+        return result  # what the round trip through JSON gives back, without it
     try:
         text = kombu_json.dumps(result)
     except (TypeError, ValueError):
@@ -390,6 +404,16 @@ def encode_result(task_name: str, result: Any) -> Any:
         )
         return None
     return json.loads(text)
+
+
+#: JSON's longest text of a ``_small_scalar``: "false", or 18 digits and a sign.
+_SMALL_SCALAR_BYTES = 19
+
+
+def _small_scalar(result: Any) -> bool:
+    """None, a bool, or an int of at most 18 digits: JSON gives it back as it was."""
+    kind = type(result)
+    return result is None or kind is bool or (kind is int and -(10**18) < result < 10**18)
 
 
 def decode_result(stored: Any) -> Any:

@@ -87,6 +87,10 @@ class ReliableTask(Task[Any, Any]):
     key_func: KeyFunc | None = None
     retry_policy: RetryPolicy | None = None
     _signature: inspect.Signature | None = None
+    #: The names of the parameters, when all can be given by position and there are no
+    #: ``*args`` or ``**kwargs``: a call with one positional argument for each binds to them as
+    #: they come. None otherwise.
+    _positional_names: tuple[str, ...] | None = None
     #: The last plain call's message, to build the next one's from (``outbox.Template``).
     _template: outbox.Template | None = None
 
@@ -199,12 +203,15 @@ class ReliableTask(Task[Any, Any]):
 
     def key_for(self, args: Any, kwargs: Any) -> str:
         """The idempotency key of an execution with these arguments."""
-        chosen = _header(self.request, KEY_HEADER)
+        return self._key_for(self.request, args, kwargs)
+
+    def _key_for(self, request: Any, args: Any, kwargs: Any) -> str:
+        chosen = _header(request, KEY_HEADER)
         if chosen:
             # A requeue that renewed the key: it replaces the computed one.
             return str(chosen)
         if self.key_func is None:
-            return str(self.request.id)
+            return str(request.id)
         try:
             key = self.key_func(*args, **kwargs)
         except Exception as exc:
@@ -252,7 +259,15 @@ class ReliableTask(Task[Any, Any]):
         from . import ledger
 
         if self._signature is None:
-            self._signature = inspect.signature(self.run)
+            signature = inspect.signature(self.run)
+            parameters = signature.parameters.values()
+            if all(p.kind is p.POSITIONAL_OR_KEYWORD for p in parameters):
+                self._positional_names = tuple(p.name for p in parameters)
+            self._signature = signature
+        names = self._positional_names
+        if names is not None and not kwargs and len(args or ()) == len(names):
+            # What binding gives, without its cost on every execution.
+            return ledger.fingerprint((), dict(zip(names, args, strict=True)))
         try:
             bound = self._signature.bind(*(args or ()), **(kwargs or {}))
         except TypeError:
@@ -305,17 +320,18 @@ def _execute(task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     from . import ledger
 
     started_at = timezone.now()
+    # Celery's request is a lookup in a thread-local stack: taken once, then passed along.
     request = cast(Any, task.request)
     writes = request.reliable_cache_writes = ledger.CacheWrites(task_id=str(request.id))
     succeeded = False
     try:
-        result = _execute_keyed(task, args, kwargs, started_at, writes)
+        result = _execute_keyed(task, request, args, kwargs, started_at, writes)
         succeeded = True
         return result
     finally:
         # Best effort, and never in the way of the task's own outcome.
         try:
-            _record_timings(task, started_at, writes)
+            _record_timings(request, started_at, writes)
         except Exception:  # noqa: BLE001 - a metric failure must not replace the outcome
             log.for_task(logger, task).warning("timings not recorded", exc_info=True)
         try:
@@ -324,13 +340,13 @@ def _execute(task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]) 
             log.for_task(logger, task).warning("cache writes at the end failed", exc_info=True)
 
 
-def _record_timings(task: ReliableTask, started_at: datetime, writes: CacheWrites) -> None:
+def _record_timings(request: Any, started_at: datetime, writes: CacheWrites) -> None:
     """Latency (enqueue to start, first attempts only) and duration, into the last writes."""
     from . import metrics
 
     writes.add(metrics.observation("duration", (timezone.now() - started_at).total_seconds()))
-    enqueued = _header(task.request, ENQUEUED_AT_HEADER)
-    if enqueued and not task.request.retries:
+    enqueued = _header(request, ENQUEUED_AT_HEADER)
+    if enqueued and not request.retries:
         # Retries would count their backoff. A header that is not a time is not counted: this
         # runs as the task ends, and must not change its outcome.
         with contextlib.suppress(TypeError, ValueError):
@@ -340,6 +356,7 @@ def _record_timings(task: ReliableTask, started_at: datetime, writes: CacheWrite
 
 def _execute_keyed(
     task: ReliableTask,
+    request: Any,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     started_at: datetime,
@@ -349,11 +366,11 @@ def _execute_keyed(
 
     key = ""
     try:
-        key = task.key_for(args, kwargs)
+        key = task._key_for(request, args, kwargs)
         fingerprint = task.fingerprint(args, kwargs)
         # Celery's request context takes any attribute; the task reads the key back from it.
-        cast(Any, task.request).idempotency_key = key
-        redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
+        request.idempotency_key = key
+        redelivered = bool((request.delivery_info or {}).get("redelivered"))
         hit, interrupted = ledger.done_cache.start(task.name, key, writes, redelivered=redelivered)
         if hit is not None:
             stored_fingerprint, stored = hit
@@ -368,7 +385,7 @@ def _execute_keyed(
         # Only a redelivery pays for crash-loop counting: a first delivery costs nothing extra.
         if redelivered and _crash_loop(task, key, args, kwargs, interrupted, writes):
             raise Ignore(f"dead task: delivered {conf.MAX_DELIVERIES} times without an outcome")
-        return _claim_and_run(task, key, fingerprint, args, kwargs)
+        return _claim_and_run(task, request, key, fingerprint, args, kwargs, writes)
     except _CONTROL_FLOW:
         raise
     except (OperationalError, InterfaceError) as exc:
@@ -623,55 +640,82 @@ def _carried_headers(request: Any, extra: dict[str, Any]) -> dict[str, Any]:
     return headers
 
 
-def _claim_and_run(task: ReliableTask, key: str, fingerprint: str, args: Any, kwargs: Any) -> Any:
+def _claim_and_run(
+    task: ReliableTask,
+    request: Any,
+    key: str,
+    fingerprint: str,
+    args: Any,
+    kwargs: Any,
+    writes: CacheWrites,
+) -> Any:
     from . import ledger
 
-    worker = task.request.hostname or socket.gethostname()
-    task_id = str(task.request.id)
+    worker = request.hostname or socket.gethostname()
+    task_id = str(request.id)
     lease = task._lease_seconds()
     # The task's transaction is the outermost one (not a caller's or a test's): its last
     # statement may carry the COMMIT.
     connection = connections[conf.DATABASE]
     outermost = connection.get_autocommit() and not connection.in_atomic_block
-    with transaction.atomic(using=conf.DATABASE):
+    # One cursor carries the ledger's statements of the execution: the claim and, in atomic
+    # mode, the result (the task's own statements use cursors of their own).
+    with transaction.atomic(using=conf.DATABASE), connection.cursor() as cursor:
         claim = ledger.claim(
             task.name, key, fingerprint, task_id=task_id, worker=worker, lease_seconds=lease,
-            atomic=task.atomic,
+            atomic=task.atomic, cursor=cursor,
         )  # fmt: skip
         if claim.owned and task.atomic:
-            return _run_atomic(task, claim, fingerprint, args, kwargs, last=outermost)
+            return _run_atomic(
+                task, request, claim, fingerprint, args, kwargs, writes, cursor, last=outermost
+            )
     if not claim.owned:
         return _not_owned(task, claim, fingerprint)
-    return _run_leased(task, claim, fingerprint, args, kwargs)
+    return _run_leased(task, request, claim, fingerprint, args, kwargs, writes)
 
 
 def _run_atomic(
-    task: ReliableTask, claim: Claim, fingerprint: str, args: Any, kwargs: Any, *, last: bool
+    task: ReliableTask,
+    request: Any,
+    claim: Claim,
+    fingerprint: str,
+    args: Any,
+    kwargs: Any,
+    writes: CacheWrites,
+    cursor: Any,
+    *,
+    last: bool,
 ) -> Any:
     """Run the task in the claim's transaction; ``last``: nothing follows but its commit."""
     from . import ledger
 
     result = task.run(*args, **kwargs)
     stored = ledger.encode_result(task.name, result)
-    writes = getattr(task.request, "reliable_cache_writes", None)
     transaction.on_commit(
         lambda: ledger.done_cache.remember(writes, task.name, claim.key, fingerprint, stored),
         using=conf.DATABASE,
     )
-    request = cast(Any, task.request)
     # The claim is "done" already, in this transaction. The result is stored before any
     # follow-up is sent (a plain Celery callback publishes at once); without follow-ups it is
     # the transaction's last statement, and may carry its COMMIT.
     follow_ups = bool(request.callbacks or request.chain)
-    ledger.store_result(claim, stored, commit=last and not follow_ups)
-    _send_follow_ups(task, result)
+    ledger.store_result(claim, stored, commit=last and not follow_ups, cursor=cursor)
+    _send_follow_ups(task, request, result)
     return result
 
 
-def _run_leased(task: ReliableTask, claim: Claim, fingerprint: str, args: Any, kwargs: Any) -> Any:
+def _run_leased(
+    task: ReliableTask,
+    request: Any,
+    claim: Claim,
+    fingerprint: str,
+    args: Any,
+    kwargs: Any,
+    writes: CacheWrites,
+) -> Any:
     from . import ledger
 
-    cast(Any, task.request).reliable_claim = claim
+    request.reliable_claim = claim
     try:
         result = task.run(*args, **kwargs)
     except BaseException:
@@ -687,9 +731,8 @@ def _run_leased(task: ReliableTask, claim: Claim, fingerprint: str, args: Any, k
     with transaction.atomic(using=conf.DATABASE):
         completed = ledger.complete(claim, stored)
         if completed:
-            _send_follow_ups(task, result)
+            _send_follow_ups(task, request, result)
     if completed:
-        writes = getattr(task.request, "reliable_cache_writes", None)
         ledger.done_cache.remember(writes, task.name, claim.key, fingerprint, stored)
     else:
         log.for_task(logger, task, claim.key).warning(
@@ -698,14 +741,13 @@ def _run_leased(task: ReliableTask, claim: Claim, fingerprint: str, args: Any, k
     return result
 
 
-def _send_follow_ups(task: ReliableTask, result: Any) -> None:
+def _send_follow_ups(task: ReliableTask, request: Any, result: Any) -> None:
     """Enqueue the task's ``link`` callbacks and its chain's next step, in the transaction that
     marks its key done: they are sent once, with the effect, or not at all.
 
     Celery would send them after the task returned, where a worker killed in between loses
     them; taking them off the request here stops Celery from sending them a second time.
     """
-    request = cast(Any, task.request)
     callbacks, chain = request.callbacks, request.chain
     if not callbacks and not chain:
         return

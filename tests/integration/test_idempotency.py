@@ -665,6 +665,39 @@ def test_results_that_json_cannot_hold_are_stored_as_null() -> None:
         assert ledger.encode_result("t", "x" * 100) is None
 
 
+def test_small_results_are_stored_as_json_gives_them_back() -> None:
+    """None, bools and ints up to 18 digits skip the JSON round trip; the rest take it, and the
+    size limit still applies to both."""
+    for value in (None, True, False, 0, -7, 10**18 - 1, -(10**18 - 1), 10**18, 1.5, "x", [1]):
+        stored = ledger.encode_result("t", value)
+        assert stored == json_round_trip(value), value
+        assert type(stored) is type(value), value
+    with override_settings(RELIABLE_TASKS_MAX_RESULT_BYTES=10):
+        assert ledger.encode_result("t", 10**17) is None  # 18 digits
+        assert ledger.encode_result("t", 10**8) == 10**8
+
+
+def json_round_trip(value: Any) -> Any:
+    import json
+
+    from kombu.utils import json as kombu_json
+
+    return json.loads(kombu_json.dumps(value))
+
+
+def test_a_call_by_position_by_keyword_or_with_defaults_has_one_fingerprint() -> None:
+    """Positional calls that give every parameter skip binding to the signature; the digest is
+    the one binding gives."""
+    by_position = charge.fingerprint((5, 0), {})
+    assert by_position == ledger.fingerprint((), {"order_id": 5, "amount": 0})
+    assert charge.fingerprint((5,), {}) == by_position
+    assert charge.fingerprint((), {"order_id": 5, "amount": 0}) == by_position
+    assert charge.fingerprint((5,), {"amount": 0}) == by_position
+    assert charge.fingerprint((5, 1), {}) != by_position
+    # A call the signature refuses is fingerprinted as given (it fails when it runs).
+    assert charge.fingerprint((5, 0, 9), {}) == ledger.fingerprint((5, 0, 9), {})
+
+
 def test_prune_removes_only_keys_past_retention() -> None:
     record.apply(("old",), task_id="old")
     record.apply(("new",), task_id="new")
