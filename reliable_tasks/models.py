@@ -109,7 +109,9 @@ class IdempotencyKey(models.Model):
     )
     token = models.CharField(max_length=32, help_text="Identifies the current holder's claim.")
     lease_expires_at = models.DateTimeField(null=True, blank=True)
-    attempts = models.PositiveIntegerField(default=1)
+    # Not a PositiveIntegerField: its CHECK constraint would cost every execution's claim (a new
+    # database session per task, as Celery gives) the constraint's loading; only the ledger writes it.
+    attempts = models.IntegerField(default=1)
     task_id = models.CharField(
         max_length=255, blank=True, help_text="The execution that holds or completed the key."
     )
