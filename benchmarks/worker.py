@@ -4,13 +4,15 @@ Throughput: the same task (insert one row) queued 2,000 times, run by one worker
 the same settings (prefork, 2 processes, prefetch 4): as a ReliableTask in atomic mode (ledger
 claim and "done" in the task's transaction) and as a stock Celery task with ``acks_late``. The
 rate is counted from the rows' own timestamps, first to last, so the worker's start-up is not
-in it. Three rounds each, interleaved, the variant going first alternating (plain then
+in it. Five rounds each, interleaved, the variant going first alternating (plain then
 reliable, reliable then plain, ...); before every run the tables are vacuumed and the database
 checkpointed, so no run meets the clean-up of the one before. The ratio is taken in each round
 and its median reported, with the lowest and highest, since the machine's speed drifts between
-rounds. Celery's Django fixup closes the
-database connection around every task, so each task opens one; one more round of each keeps
-connections between tasks (``CELERY_DB_REUSE_MAX``), for comparison only.
+rounds (single rounds of one run have spread from 0.72 to 0.93 on the 2-core development VM,
+and the median of three moved by 0.1 between two runs of the same code: five rounds make one
+slow or fast round count for less). Celery's Django fixup closes the database connection around
+every task, so each task opens one; one more round of each keeps connections between tasks
+(``CELERY_DB_REUSE_MAX``), for comparison only.
 
 Duplicate cost: a finished key delivered again, answered by the cache (Redis) without touching
 the database: the time of the task call in the worker's execution path, p50 over 2,000 calls,
@@ -25,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 TASKS = 2_000
-ROUNDS = 3
+ROUNDS = 5
 DUPLICATE_CALLS = 2_000
 
 

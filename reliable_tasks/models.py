@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.db import models
 from django.utils import timezone
 
@@ -116,7 +118,6 @@ class IdempotencyKey(models.Model):
         max_length=255, blank=True, help_text="The execution that holds or completed the key."
     )
     worker = models.CharField(max_length=255, blank=True)
-    result = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(default=timezone.now)
     completed_at = models.DateTimeField(null=True, blank=True)
@@ -138,6 +139,42 @@ class IdempotencyKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_name}:{self.key} {self.state}"
+
+    @property
+    def result(self) -> Any:
+        """The stored result (as ``ledger.encode_result`` stored it), or None."""
+        try:
+            return self.stored.result
+        except KeyResult.DoesNotExist:
+            return None
+
+
+class KeyResult(models.Model):
+    """The stored result of a done idempotency key that returned one (not None).
+
+    A table of its own, written once, by a plain insert: in atomic mode the task's transaction
+    ends with it, and a new database session (which Celery gives every task) runs an insert
+    into this narrow table for less than it would an update of the ledger's row. No foreign key
+    constraint in the database, whose check would cost every insert a query on the ledger; the
+    row is deleted with its key (Django's cascade, as ``reliable_tasks prune`` deletes keys).
+    """
+
+    key = models.OneToOneField(
+        IdempotencyKey,
+        primary_key=True,
+        on_delete=models.CASCADE,
+        db_constraint=False,
+        db_column="ledger_id",
+        related_name="stored",
+    )
+    result = models.JSONField()
+
+    class Meta:
+        db_table = "reliable_tasks_ledger_result"
+        verbose_name = "stored result"
+
+    def __str__(self) -> str:
+        return f"result of {self.key_id}"
 
 
 class TaskAttempt(models.Model):

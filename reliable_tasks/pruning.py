@@ -18,7 +18,9 @@ def delete_batch(expired: Iterable[QuerySet[Any]], limit: int) -> int:
             break
         ids = list(rows.values_list("pk", flat=True)[: limit - deleted])
         if ids:
-            deleted += rows.model._base_manager.using(rows.db).filter(pk__in=ids).delete()[0]
+            # Rows deleted with them (a key's stored result) are not counted.
+            _, by_model = rows.model._base_manager.using(rows.db).filter(pk__in=ids).delete()
+            deleted += by_model.get(rows.model._meta.label, 0)
     return deleted
 
 

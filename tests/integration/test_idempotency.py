@@ -20,7 +20,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from reliable_tasks import IdempotencyKeyReused, InvalidIdempotencyKey, ledger
-from reliable_tasks.models import IdempotencyKey, TaskAttempt
+from reliable_tasks.models import IdempotencyKey, KeyResult, TaskAttempt
 from tests.testapp.models import Effect, Observed
 from tests.testapp.tasks import (
     charge,
@@ -47,22 +47,28 @@ def _needs_redis(redis_service: None) -> None:
 
 
 @contextlib.contextmanager
-def ledger_refuses(event: str, key: str, message: str) -> Iterator[None]:
-    """A PostgreSQL trigger makes the ledger refuse ``event`` (INSERT, UPDATE) for ``key``."""
+def ledger_refuses(event: str, key: str, message: str, *, result: bool = False) -> Iterator[None]:
+    """A PostgreSQL trigger makes the ledger refuse ``event`` (INSERT, UPDATE) for ``key``; with
+    ``result``, the stored results' table refuses the result ``key`` (``record`` returns its key)."""
+    table, when = (
+        ("reliable_tasks_ledger_result", f"NEW.result = to_jsonb('{key}'::text)")
+        if result
+        else ("reliable_tasks_ledger", f"NEW.key = '{key}'")
+    )
     with connection.cursor() as cursor:
         cursor.execute(
             "CREATE FUNCTION rt_test_refuse() RETURNS trigger AS $$ BEGIN "
             f"RAISE EXCEPTION '{message}'; END $$ LANGUAGE plpgsql"
         )
         cursor.execute(
-            f"CREATE TRIGGER rt_test_refuse BEFORE {event} ON reliable_tasks_ledger FOR EACH ROW "
-            f"WHEN (NEW.key = '{key}') EXECUTE FUNCTION rt_test_refuse()"
+            f"CREATE TRIGGER rt_test_refuse BEFORE {event} ON {table} FOR EACH ROW "
+            f"WHEN ({when}) EXECUTE FUNCTION rt_test_refuse()"
         )
     try:
         yield
     finally:
         with connection.cursor() as cursor:
-            cursor.execute("DROP TRIGGER rt_test_refuse ON reliable_tasks_ledger")
+            cursor.execute(f"DROP TRIGGER rt_test_refuse ON {table}")
             cursor.execute("DROP FUNCTION rt_test_refuse()")
 
 
@@ -87,25 +93,24 @@ def test_an_atomic_key_is_written_done_in_one_statement_and_then_only_its_result
     None
 ):
     """The claim commits only with the task's writes, so it is written "done" at once; what
-    follows sets the result alone (no indexed column), or nothing when there is none. The
-    result goes in as the claim's insert again, whose conflict with the claim's own row sets
-    the result on it: no second row, nothing else changed."""
+    follows is the result's plain insert into a table of its own, two values by the claim's
+    primary key, or nothing when there is none. The ledger's row is not written again."""
 
     def ledger_statements(task: object, key: str) -> list[str]:
         with CaptureQueriesContext(connection) as queries:
             task.apply((key,), task_id=key)  # type: ignore[attr-defined]
+        statements = [" ".join(q["sql"].split()) for q in queries]
         return [
-            " ".join(q["sql"].split())
-            .partition(") ON CONFLICT (")[2]
-            .partition(")")[2]
-            .split(" WHERE")[0]
-            for q in queries
-            if "reliable_tasks_ledger" in q["sql"]
+            sql.partition(") ON CONFLICT (")[2].partition(")")[2].split(" WHERE")[0]
+            if '"reliable_tasks_ledger" ' in sql
+            else sql.partition(" VALUES")[0]
+            for sql in statements
+            if "reliable_tasks_ledger" in sql
         ]
 
     claim, result = (
         ' DO NOTHING RETURNING "token", "id"',
-        ' DO UPDATE SET "result" = EXCLUDED."result"',
+        'INSERT INTO "reliable_tasks_ledger_result" ("ledger_id", "result")',
     )
     assert ledger_statements(record, "with-result") == [claim, result]
     claimed = IdempotencyKey.objects.get(key="with-result")
@@ -113,8 +118,10 @@ def test_an_atomic_key_is_written_done_in_one_statement_and_then_only_its_result
     keys = {k.key: k for k in IdempotencyKey.objects.all()}
     assert len(keys) == 2
     assert (keys["with-result"].token, keys["with-result"].attempts) == (claimed.token, 1)
+    assert keys["with-result"].updated_at == claimed.updated_at
     assert keys["with-result"].result == "with-result"
     assert keys["no-result"].result is None
+    assert list(KeyResult.objects.values_list("key_id", "result")) == [(claimed.id, "with-result")]
     for key in keys.values():
         assert key.state == "done"
         assert key.completed_at is not None
@@ -126,7 +133,7 @@ def test_an_atomic_key_is_written_done_in_one_statement_and_then_only_its_result
 def test_the_result_carries_the_commit_in_its_round_trip_and_a_failure_there_rolls_all_back() -> (
     None
 ):
-    """The result's update is the outermost transaction's last statement: the COMMIT goes in
+    """The result's insert is the outermost transaction's last statement: the COMMIT goes in
     the same string (psycopg 3's client-side binding), and the server's transaction is over
     when it returns. If that statement fails, nothing of the task is committed."""
     from psycopg.pq import TransactionStatus
@@ -135,7 +142,7 @@ def test_the_result_carries_the_commit_in_its_round_trip_and_a_failure_there_rol
 
     def watch(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
         outcome = execute(sql, params, many, context)
-        if 'SET "result"' in sql:
+        if '"reliable_tasks_ledger_result"' in sql:
             status = connection.connection.info.transaction_status
             after_update.append((sql.rstrip().endswith("COMMIT"), status))
         return outcome
@@ -149,11 +156,12 @@ def test_the_result_carries_the_commit_in_its_round_trip_and_a_failure_there_rol
     assert record.apply(("carried",), task_id="carried").get() == "carried"
     assert list(Observed.objects.values_list("kind", "cached")) == [("duplicate", True)]
 
-    with ledger_refuses("UPDATE", "refused", "result refused"):
+    with ledger_refuses("INSERT", "refused", "result refused", result=True):
         outcome = record.apply(("refused",), task_id="refused")
     assert outcome.state == "RETRY"
     assert not Effect.objects.filter(key="refused").exists()
     assert not IdempotencyKey.objects.filter(key="refused").exists()
+    assert not KeyResult.objects.filter(result="refused").exists()
     [attempt] = TaskAttempt.objects.filter(task_id="refused")
     assert "result refused" in attempt.message
 
@@ -161,7 +169,7 @@ def test_the_result_carries_the_commit_in_its_round_trip_and_a_failure_there_rol
 @pytest.mark.postgres
 def test_the_claim_carries_the_transactions_begin_one_round_trip_less(tmp_path: Path) -> None:
     """What goes over the wire, from libpq's own trace: the claim's query string starts the
-    transaction, psycopg sends no BEGIN of its own, and the result's update ends it."""
+    transaction, psycopg sends no BEGIN of its own, and the result's insert ends it."""
     from psycopg import pq
 
     connection.ensure_connection()
@@ -187,8 +195,7 @@ def test_the_claim_carries_the_transactions_begin_one_round_trip_less(tmp_path: 
         ["INSERT", "INTO"],  # the result, carrying the COMMIT
     ], sent
     assert '"reliable_tasks_ledger"' in sent[0]
-    assert 'INTO "reliable_tasks_ledger"' in sent[2]
-    assert 'DO UPDATE SET "result"' in sent[2]
+    assert 'INTO "reliable_tasks_ledger_result"' in sent[2]
     assert sent[2].endswith("; COMMIT")
     assert Effect.objects.filter(key="wire").count() == 1
     assert IdempotencyKey.objects.get(key="wire").result == "wire"
@@ -709,3 +716,5 @@ def test_prune_removes_only_keys_past_retention() -> None:
     assert held.owned
     assert ledger.prune(limit=100) == 2
     assert sorted(IdempotencyKey.objects.values_list("key", flat=True)) == ["live", "new"]
+    # The stored result went with its key.
+    assert list(KeyResult.objects.values_list("result", flat=True)) == ["new"]
