@@ -36,7 +36,7 @@ def bench_worker(results: Any, processes: Any, wait_for: Callable[..., None]) ->
 
     from benchmarks.benchapp.models import Order
     from benchmarks.benchapp.tasks import insert_order, plain_insert_order
-    from reliable_tasks.models import IdempotencyKey, OutboxMessage
+    from reliable_tasks.models import IdempotencyKey, KeyResult, OutboxMessage
     from reliable_tasks.relay import Relay
 
     def rate(prefix: str) -> float:
@@ -49,7 +49,7 @@ def bench_worker(results: Any, processes: Any, wait_for: Callable[..., None]) ->
 
     tables = [
         connection.ops.quote_name(model._meta.db_table)
-        for model in (Order, IdempotencyKey, OutboxMessage)
+        for model in (Order, IdempotencyKey, KeyResult, OutboxMessage)
     ]
 
     def settle() -> None:

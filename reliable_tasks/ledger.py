@@ -342,7 +342,12 @@ def prune(*, limit: int, now: datetime | None = None) -> int:
 
     Done keys count from their completion; abandoned running keys from their lease's end.
     """
-    return pruning.delete_batch(_prunable(now), limit)
+    return pruning.delete_batch(_prunable(now), limit, dependents=_delete_results)
+
+
+def _delete_results(key_ids: list[int]) -> None:
+    """The stored results of the keys about to be pruned (done keys, whose state stays)."""
+    KeyResult.objects.using(conf.DATABASE).filter(key_id__in=key_ids).delete()
 
 
 def prunable(*, now: datetime | None = None) -> int:

@@ -155,14 +155,16 @@ class KeyResult(models.Model):
     A table of its own, written once, by a plain insert: in atomic mode the task's transaction
     ends with it, and a new database session (which Celery gives every task) runs an insert
     into this narrow table for less than it would an update of the ledger's row. No foreign key
-    constraint in the database, whose check would cost every insert a query on the ledger; the
-    row is deleted with its key (Django's cascade, as ``reliable_tasks prune`` deletes keys).
+    constraint in the database, whose check would cost every insert a query on the ledger, and
+    no cascade in Django, which would make every delete of keys a read first and then a delete
+    by primary key (a key's state no longer checked as it goes): pruning deletes the results of
+    the keys it deletes, and keys deleted otherwise leave theirs, which nothing reads.
     """
 
     key = models.OneToOneField(
         IdempotencyKey,
         primary_key=True,
-        on_delete=models.CASCADE,
+        on_delete=models.DO_NOTHING,
         db_constraint=False,
         db_column="ledger_id",
         related_name="stored",

@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from django.db import transaction
 from django.db.models import QuerySet
 
 
-def delete_batch(expired: Iterable[QuerySet[Any]], limit: int) -> int:
+def delete_batch(
+    expired: Iterable[QuerySet[Any]],
+    limit: int,
+    *,
+    dependents: Callable[[list[Any]], None] | None = None,
+) -> int:
     """Delete up to ``limit`` rows of the ``expired`` queries, one after the other, each in its
     own order; return how many. Each batch is one ``DELETE`` by primary key per query, so a
-    large backlog never becomes one long statement."""
+    large backlog never becomes one long statement. ``dependents(ids)`` deletes what belongs
+    to the rows about to go (in the same transaction)."""
     deleted = 0
     for rows in expired:
         if deleted >= limit:
             break
         ids = list(rows.values_list("pk", flat=True)[: limit - deleted])
         if ids:
-            # Rows deleted with them (a key's stored result) are not counted.
-            _, by_model = rows.model._base_manager.using(rows.db).filter(pk__in=ids).delete()
+            with transaction.atomic(using=rows.db):
+                if dependents is not None:
+                    dependents(ids)
+                _, by_model = rows.model._base_manager.using(rows.db).filter(pk__in=ids).delete()
             deleted += by_model.get(rows.model._meta.label, 0)
     return deleted
 

@@ -1,6 +1,8 @@
 """Stored results move out of the ledger's row into a table of their own (``KeyResult``).
 
 Existing results are copied over before the ledger's column goes; going back copies them home.
+Stop the workers while it runs: a result an older worker stores between the copy and the
+column's removal would be lost (its duplicates would get None).
 """
 
 import django.db.models.deletion
@@ -21,7 +23,7 @@ class Migration(migrations.Migration):
                     models.OneToOneField(
                         db_column="ledger_id",
                         db_constraint=False,
-                        on_delete=django.db.models.deletion.CASCADE,
+                        on_delete=django.db.models.deletion.DO_NOTHING,
                         primary_key=True,
                         related_name="stored",
                         serialize=False,
@@ -41,6 +43,7 @@ class Migration(migrations.Migration):
             reverse_sql="UPDATE reliable_tasks_ledger SET result = ("
             "SELECT r.result FROM reliable_tasks_ledger_result r "
             "WHERE r.ledger_id = reliable_tasks_ledger.id)",
+            hints={"model_name": "idempotencykey"},
         ),
         migrations.RemoveField(
             model_name="idempotencykey",

@@ -705,6 +705,19 @@ def test_a_call_by_position_by_keyword_or_with_defaults_has_one_fingerprint() ->
     assert charge.fingerprint((5, 0, 9), {}) == ledger.fingerprint((5, 0, 9), {})
 
 
+def test_deleting_keys_is_one_statement_that_checks_them_as_it_deletes() -> None:
+    """Stored results hang on no cascade: a delete of keys (a retry's of its running key) is one
+    statement with its conditions, not a read and then a delete by primary key, between which
+    another execution could complete the key."""
+    ledger.claim("t", "held", "f", task_id="x", worker="w", lease_seconds=60)
+    with CaptureQueriesContext(connection) as queries:
+        IdempotencyKey.objects.filter(key="held", state="running").delete()
+    [delete] = [q["sql"] for q in queries if "reliable_tasks_ledger" in q["sql"]]
+    assert delete.startswith("DELETE FROM")
+    assert '"state"' in delete
+    assert not IdempotencyKey.objects.exists()
+
+
 def test_prune_removes_only_keys_past_retention() -> None:
     record.apply(("old",), task_id="old")
     record.apply(("new",), task_id="new")
