@@ -28,8 +28,7 @@ def delete_batch(
             with transaction.atomic(using=rows.db):
                 if dependents is not None:
                     dependents(ids)
-                _, by_model = rows.model._base_manager.using(rows.db).filter(pk__in=ids).delete()
-            deleted += by_model.get(rows.model._meta.label, 0)
+                deleted += rows.model._base_manager.using(rows.db).filter(pk__in=ids).delete()[0]
     return deleted
 
 
