@@ -718,6 +718,34 @@ def test_deleting_keys_is_one_statement_that_checks_them_as_it_deletes() -> None
     assert not IdempotencyKey.objects.exists()
 
 
+def test_a_result_left_by_a_key_deleted_outside_pruning_gives_way_to_the_next_owner_of_its_id() -> (
+    None
+):
+    """A key deleted by hand leaves its result; should its id be given out again (a sequence
+    reset, a partial restore), the new key's result replaces the old one instead of failing the
+    task, and the new key reads its own."""
+    record.apply(("first",), task_id="first")
+    first = IdempotencyKey.objects.get()
+    IdempotencyKey.objects.filter(pk=first.pk).delete()
+    assert list(KeyResult.objects.values_list("key_id", "result")) == [(first.pk, "first")]
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                "SELECT setval(pg_get_serial_sequence('reliable_tasks_ledger', 'id'), %s, false)",
+                [first.pk],
+            )
+        else:
+            cursor.execute(
+                "UPDATE sqlite_sequence SET seq = %s WHERE name = 'reliable_tasks_ledger'",
+                [first.pk - 1],
+            )
+    assert record.apply(("second",), task_id="second").get() == "second"
+    second = IdempotencyKey.objects.get()
+    assert (second.pk, second.key, second.result) == (first.pk, "second", "second")
+    assert Effect.objects.filter(key="second").count() == 1
+    assert list(KeyResult.objects.values_list("key_id", "result")) == [(first.pk, "second")]
+
+
 def test_prune_removes_only_keys_past_retention() -> None:
     record.apply(("old",), task_id="old")
     record.apply(("new",), task_id="new")
