@@ -154,12 +154,13 @@ class KeyResult(models.Model):
 
     A table of its own, written once, by an insert of two values: in atomic mode the task's
     transaction ends with it, and a new database session (which Celery gives every task) runs
-    an insert into this narrow table for less than it would an update of the ledger's row. No foreign key
-    constraint in the database, whose check would cost every insert a query on the ledger, and
-    no cascade in Django, which would make every delete of keys a read first and then a delete
-    by primary key (a key's state no longer checked as it goes): pruning deletes the results of
-    the keys it deletes, and keys deleted otherwise leave theirs, which nothing reads (a key
-    given the same id again, after a sequence reset, has its result replace the one left).
+    an insert into this narrow table for less than it would an update of the ledger's row. No
+    foreign key constraint in the database, whose check would cost every insert a query on the
+    ledger, and no cascade in Django, which would make every delete of keys a read first and
+    then a delete by primary key (a key's state no longer checked as it goes): pruning deletes
+    the results of the keys it deletes, and keys deleted otherwise leave theirs, which nothing
+    reads while the id is not given out again (a key that gets it after a sequence reset and
+    returns a value replaces the result left; one that returns None would read it).
     """
 
     key = models.OneToOneField(
