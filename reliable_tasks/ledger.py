@@ -154,18 +154,15 @@ def complete(claim: Claim, stored_result: Any) -> bool:
         )
         if cursor.rowcount != 1:
             return False
-        if stored_result is not None:
-            cursor.execute(
-                _statement(connection, "store_result"),
-                [claim.row_id, _RESULT_FIELD.get_db_prep_save(stored_result, connection)],
-            )
+        store_result(claim, stored_result, cursor=cursor)
         return True
 
 
 def store_result(
     claim: Claim, stored_result: Any, *, commit: bool = False, cursor: Any = None
 ) -> None:
-    """Store the result of an atomic-mode claim (already "done"), in the task's transaction.
+    """Store the result of a claim this execution owns, in the transaction that makes its key
+    "done" (atomic mode: the claim's own; lease mode: ``complete()``'s).
 
     The result goes into a table of its own (``KeyResult``) by an insert of two values,
     the ledger row's primary key and the result: a new database session, which Celery gives
@@ -352,7 +349,7 @@ def prune(*, limit: int, now: datetime | None = None) -> int:
 
 
 def _delete_results(key_ids: list[int]) -> None:
-    """The stored results of the keys about to be pruned (done keys, whose state stays)."""
+    """Delete the stored results of the keys about to be pruned (only done keys have one)."""
     KeyResult.objects.using(conf.DATABASE).filter(key_id__in=key_ids).delete()
 
 

@@ -670,7 +670,7 @@ def _claim_and_run(
                 task, request, claim, fingerprint, args, kwargs, writes, cursor, last=outermost
             )
     if not claim.owned:
-        return _not_owned(task, claim, fingerprint)
+        return _not_owned(task, claim, fingerprint, writes)
     return _run_leased(task, request, claim, fingerprint, args, kwargs, writes)
 
 
@@ -762,7 +762,7 @@ def _send_follow_ups(task: ReliableTask, request: Any, result: Any) -> None:
     request.callbacks = request.chain = None
 
 
-def _not_owned(task: ReliableTask, claim: Claim, fingerprint: str) -> Any:
+def _not_owned(task: ReliableTask, claim: Claim, fingerprint: str, writes: CacheWrites) -> Any:
     from . import ledger
     from .models import LedgerState
 
@@ -771,7 +771,7 @@ def _not_owned(task: ReliableTask, claim: Claim, fingerprint: str) -> Any:
             task, claim.key, fingerprint, claim.fingerprint, claim.result, cached=False
         )
         ledger.done_cache.remember(
-            getattr(task.request, "reliable_cache_writes", None),
+            writes,
             task.name,
             claim.key,
             claim.fingerprint,
