@@ -16,8 +16,8 @@ def delete_batch(
     dependents: Callable[[list[Any]], None] | None = None,
 ) -> int:
     """Delete up to ``limit`` rows of the ``expired`` queries, one after the other, each in its
-    own order; return how many. Each batch is one ``DELETE`` by primary key per query, so a
-    large backlog never becomes one long statement. ``dependents(ids)`` deletes what belongs
+    own order; return how many. Each batch is one ``DELETE`` per query, of the rows read for it
+    that still qualify, so a large backlog never becomes one long statement. ``dependents(ids)`` deletes what belongs
     to the rows about to go (in the same transaction)."""
     deleted = 0
     for rows in expired:
@@ -28,7 +28,9 @@ def delete_batch(
             with transaction.atomic(using=rows.db):
                 if dependents is not None:
                     dependents(ids)
-                deleted += rows.model._base_manager.using(rows.db).filter(pk__in=ids).delete()[0]
+                # With the query's own conditions: a row that stopped qualifying since it was
+                # read (a lease taken over, a dead task requeued) stays.
+                deleted += rows.filter(pk__in=ids).delete()[0]
     return deleted
 
 

@@ -27,6 +27,7 @@ from celery.utils.time import maybe_make_aware
 from django.core.exceptions import ImproperlyConfigured
 from django.db import InterfaceError, OperationalError, connections, transaction
 from django.db.models import Count
+from django.db.transaction import TransactionManagementError
 from django.utils import timezone
 
 from . import log, outbox, signals
@@ -480,11 +481,14 @@ def _failed(
                 worker=request.hostname or socket.gethostname(), started_at=started_at,
             )  # fmt: skip
             dead.trim_attempts(str(request.id), newest=attempt)
-            if new_call is not None and decision.retry:
+            claim = getattr(request, "reliable_claim", None)
+            if new_call is not None and decision.retry and claim is not None:
                 # Other arguments make another call: a lease-mode key released by this attempt
                 # must not refuse the next one as a reuse. (Atomic mode's claim rolled back.)
+                # Only this execution's hold goes: another delivery may have taken the key
+                # since its release.
                 IdempotencyKey.objects.using(conf.DATABASE).filter(
-                    task_name=task.name, key=key, state=LedgerState.RUNNING
+                    task_name=task.name, key=key, state=LedgerState.RUNNING, token=claim.token
                 ).delete()
             headers = _carried_headers(request, {FIRST_ATTEMPT_HEADER: first.isoformat()})
             if decision.retry:
@@ -660,15 +664,20 @@ def _claim_and_run(
     outermost = connection.get_autocommit() and not connection.in_atomic_block
     # One cursor carries the ledger's statements of the execution: the claim and, in atomic
     # mode, the result (the task's own statements use cursors of their own).
+    outcome: Any = None
     with transaction.atomic(using=conf.DATABASE), connection.cursor() as cursor:
         claim = ledger.claim(
             task.name, key, fingerprint, task_id=task_id, worker=worker, lease_seconds=lease,
             atomic=task.atomic, cursor=cursor,
         )  # fmt: skip
         if claim.owned and task.atomic:
-            return _run_atomic(
+            outcome = _run_atomic(
                 task, request, claim, fingerprint, args, kwargs, writes, cursor, last=outermost
             )
+    if isinstance(outcome, _Ended):
+        raise outcome.signal  # after the commit: what the body did stands
+    if claim.owned and task.atomic:
+        return outcome
     if not claim.owned:
         return _not_owned(task, claim, fingerprint, writes)
     return _run_leased(task, request, claim, fingerprint, args, kwargs, writes)
@@ -686,10 +695,31 @@ def _run_atomic(
     *,
     last: bool,
 ) -> Any:
-    """Run the task in the claim's transaction; ``last``: nothing follows but its commit."""
+    """Run the task in the claim's transaction; ``last``: nothing follows but its commit.
+
+    A body that ends itself with Celery's ``Ignore`` (``self.replace()`` enqueues the
+    replacement, then raises it) has its writes, the replacement's outbox row and the key's
+    "done" committed, with no result: the message is acknowledged, and a duplicate must not
+    run it again. The ``Ignore`` is returned wrapped, and raised once the transaction commits.
+    """
     from . import ledger
 
-    result = task.run(*args, **kwargs)
+    ended: _Ended | None = None
+    try:
+        result = task.run(*args, **kwargs)
+    except Ignore as signal:
+        result, ended = None, _Ended(signal)
+    if connections[conf.DATABASE].needs_rollback:
+        # The body caught a database error inside the task's transaction (say an
+        # IntegrityError around a create, as one may in autocommit): Django would roll the
+        # transaction back as the block ends, the task's writes and its key with it, and the
+        # task would count as a success. It fails instead, for the retry policy.
+        raise TransactionManagementError(
+            f"task {task.name!r} caught a database error inside its transaction (atomic mode), "
+            "which undoes every write of the task. Let the error propagate, or put the "
+            "statement that may fail in a transaction.atomic() block of its own (a savepoint) "
+            "and catch the error outside that block."
+        )
     stored = ledger.encode_result(task.name, result)
     transaction.on_commit(
         lambda: ledger.done_cache.remember(writes, task.name, claim.key, fingerprint, stored),
@@ -700,8 +730,17 @@ def _run_atomic(
     # the transaction's last statement, and may carry its COMMIT.
     follow_ups = bool(request.callbacks or request.chain)
     ledger.store_result(claim, stored, commit=last and not follow_ups, cursor=cursor)
+    if ended is not None:
+        return ended  # replaced or ignored: its own follow-ups are not this task's to send
     _send_follow_ups(task, request, result)
     return result
+
+
+class _Ended:
+    """An ``Ignore`` the task's body raised, carried past its transaction's commit."""
+
+    def __init__(self, signal: Ignore) -> None:
+        self.signal = signal
 
 
 def _run_leased(
@@ -718,6 +757,13 @@ def _run_leased(
     request.reliable_claim = claim
     try:
         result = task.run(*args, **kwargs)
+    except Ignore:
+        # The body ended itself (Celery's replace() enqueued its replacement): the message is
+        # acknowledged, so the key is done, without a result, for duplicates not to run again.
+        with transaction.atomic(using=conf.DATABASE):
+            if ledger.complete(claim, None):
+                ledger.done_cache.remember(writes, task.name, claim.key, fingerprint, None)
+        raise
     except BaseException:
         # Let the next delivery (a retry, a redelivery) take the key at once.
         try:

@@ -19,15 +19,17 @@ from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from reliable_tasks import IdempotencyKeyReused, InvalidIdempotencyKey, ledger
+from reliable_tasks import IdempotencyKeyReused, InvalidIdempotencyKey, ledger, pruning
 from reliable_tasks.models import IdempotencyKey, KeyResult, TaskAttempt
-from tests.testapp.models import Effect, Observed
+from tests.testapp.models import Effect, GatewayCharge, Observed
 from tests.testapp.tasks import (
     charge,
     leased,
+    leased_retry_with_other_args,
     record,
     record_quietly,
     sees_its_own_mark,
+    swallows_a_database_error,
     write_then_fail,
 )
 
@@ -608,6 +610,43 @@ def test_a_failing_atomic_task_leaves_neither_its_writes_nor_its_key() -> None:
     assert not IdempotencyKey.objects.exists()
 
 
+def test_a_task_that_swallows_a_database_error_in_its_transaction_fails_instead_of_losing_its_writes() -> (
+    None
+):
+    """Django rolls a transaction whose statement failed back as its block ends, without a
+    word: the task's writes and its key would go, and the task would count as a success."""
+    outcome = swallows_a_database_error.apply(("swallowed",), task_id="swallowed")
+    assert outcome.state == "RETRY"
+    [attempt] = TaskAttempt.objects.all()
+    assert attempt.exc_type == "django.db.transaction.TransactionManagementError"
+    assert "caught a database error inside its transaction" in attempt.message
+    assert "transaction.atomic() block of its own" in attempt.message
+    assert not Effect.objects.exists()
+    assert not GatewayCharge.objects.exists()
+    assert not IdempotencyKey.objects.exists()
+
+
+def test_a_lease_mode_retry_with_other_arguments_leaves_a_key_another_delivery_took_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    released = ledger.release
+
+    def released_then_taken(claim: ledger.Claim) -> None:
+        released(claim)
+        # Another delivery of the key claims it between the release and the retry's clean-up.
+        taken = ledger.claim(
+            claim.task_name, claim.key, claim.fingerprint, task_id="other", worker="w2",
+            lease_seconds=60,
+        )  # fmt: skip
+        assert taken.owned
+
+    monkeypatch.setattr(ledger, "release", released_then_taken)
+    outcome = leased_retry_with_other_args.apply(("taken",), task_id="taken-1")
+    assert outcome.state == "RETRY"
+    [key] = IdempotencyKey.objects.all()
+    assert (key.key, key.state, key.task_id) == ("taken-1", "running", "other")
+
+
 def test_a_lease_mode_key_is_exposed_to_the_task_and_released_when_done() -> None:
     result = leased.apply(("L1", 0)).get()
     assert result == "L1"
@@ -744,6 +783,20 @@ def test_a_result_left_by_a_key_deleted_outside_pruning_gives_way_to_the_next_ow
     assert (second.pk, second.key, second.result) == (first.pk, "second", "second")
     assert Effect.objects.filter(key="second").count() == 1
     assert list(KeyResult.objects.values_list("key_id", "result")) == [(first.pk, "second")]
+
+
+def test_prune_keeps_a_key_taken_over_between_its_selection_and_its_delete() -> None:
+    long_ago = timezone.now() - dt.timedelta(days=8)
+    ledger.claim("t", "abandoned", "f", task_id="x", worker="w", lease_seconds=1)
+    IdempotencyKey.objects.filter(key="abandoned").update(lease_expires_at=long_ago)
+
+    def taken_over(key_ids: list[int]) -> None:
+        # A delivery replayed after the retention takes the abandoned key over meanwhile.
+        assert ledger.claim("t", "abandoned", "f", task_id="y", worker="w2", lease_seconds=60).owned
+
+    expired = ledger._prunable(None)
+    assert pruning.delete_batch(expired, 100, dependents=taken_over) == 0
+    assert IdempotencyKey.objects.get(key="abandoned").task_id == "y"
 
 
 def test_prune_removes_only_keys_past_retention() -> None:

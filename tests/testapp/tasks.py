@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import shared_task
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.dispatch import receiver
 
 from reliable_tasks import ReliableTask, Retry, RetryPolicy, reliable_task
@@ -132,6 +132,30 @@ def _seen_deferral(sender: Any, task: Any, key: str, delay: float, **kwargs: Any
 def write_then_fail(key: str) -> None:
     Effect.objects.create(key=key)
     raise ValueError(f"{key} failed after its write")
+
+
+@reliable_task
+def swallows_a_database_error(key: str) -> None:
+    """Catches an IntegrityError as one may in autocommit, not inside a transaction."""
+    Effect.objects.create(key=key)
+    try:
+        GatewayCharge.objects.create(idempotency_key=key, order=key, amount=1)
+        GatewayCharge.objects.create(idempotency_key=key, order=key, amount=1)
+    except IntegrityError:
+        return  # the duplicate charge is taken as already made
+
+
+@reliable_task(bind=True)
+def replaced(self: ReliableTask, key: str) -> str:
+    """Writes, then hands over to another task with Celery's replace()."""
+    Effect.objects.create(key=f"{key}:before")
+    return self.replace(record.si(f"{key}:replacement"))  # type: ignore[no-any-return]
+
+
+@reliable_task(bind=True, atomic=False)
+def replaced_in_lease_mode(self: ReliableTask, key: str) -> str:
+    Effect.objects.create(key=f"{key}:before")
+    return self.replace(record.si(f"{key}:replacement"))  # type: ignore[no-any-return]
 
 
 # -- retries and dead tasks ---------------------------------------------------------------------
