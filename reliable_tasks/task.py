@@ -390,10 +390,14 @@ def _execute_keyed(
     except _CONTROL_FLOW:
         raise
     except (OperationalError, InterfaceError) as exc:
-        if _database_reachable():
+        reachable = _database_reachable()  # and a lost connection is made again
+        if reachable and getattr(request, "reliable_in_body", False):
             # The database answers: this was the task's own query failing (a deadlock, a
             # statement timeout), an error like any other for the retry policy.
             _failed(task, exc, started_at, args, kwargs, key)
+        # The ledger's own statements (the claim, the result, the commit) failed, or the
+        # database is gone: not the task's failure. A connection lost and found again (a
+        # failover, a killed session), SQLite's lock held elsewhere: the message goes back.
         _database_down(task, exc)
     except Exception as exc:  # noqa: BLE001 - every task error is recorded, then raised again
         _failed(task, exc, started_at, args, kwargs, key)
@@ -665,15 +669,23 @@ def _claim_and_run(
     # One cursor carries the ledger's statements of the execution: the claim and, in atomic
     # mode, the result (the task's own statements use cursors of their own).
     outcome: Any = None
-    with transaction.atomic(using=conf.DATABASE), connection.cursor() as cursor:
-        claim = ledger.claim(
-            task.name, key, fingerprint, task_id=task_id, worker=worker, lease_seconds=lease,
-            atomic=task.atomic, cursor=cursor,
-        )  # fmt: skip
-        if claim.owned and task.atomic:
-            outcome = _run_atomic(
-                task, request, claim, fingerprint, args, kwargs, writes, cursor, last=outermost
-            )
+    follow_ups = request.callbacks, request.chain
+    try:
+        with transaction.atomic(using=conf.DATABASE), connection.cursor() as cursor:
+            claim = ledger.claim(
+                task.name, key, fingerprint, task_id=task_id, worker=worker, lease_seconds=lease,
+                atomic=task.atomic, cursor=cursor,
+            )  # fmt: skip
+            if claim.owned and task.atomic:
+                outcome = _run_atomic(
+                    task, request, claim, fingerprint, args, kwargs, writes, cursor,
+                    last=outermost,
+                )  # fmt: skip
+    except BaseException:
+        # Follow-ups sent in the transaction went with its rollback (a commit that failed, on
+        # a deferred constraint, say): the retry, or the dead task, carries them again.
+        request.callbacks, request.chain = follow_ups
+        raise
     if isinstance(outcome, _Ended):
         raise outcome.signal  # after the commit: what the body did stands
     if claim.owned and task.atomic:
@@ -705,10 +717,12 @@ def _run_atomic(
     from . import ledger
 
     ended: _Ended | None = None
+    request.reliable_in_body = True  # an error raised from here on is the task's own
     try:
         result = task.run(*args, **kwargs)
     except Ignore as signal:
         result, ended = None, _Ended(signal)
+    request.reliable_in_body = False
     if connections[conf.DATABASE].needs_rollback:
         # The body caught a database error inside the task's transaction (say an
         # IntegrityError around a create, as one may in autocommit): Django would roll the
@@ -755,11 +769,13 @@ def _run_leased(
     from . import ledger
 
     request.reliable_claim = claim
+    request.reliable_in_body = True  # an error raised from here on is the task's own
     try:
         result = task.run(*args, **kwargs)
     except Ignore:
         # The body ended itself (Celery's replace() enqueued its replacement): the message is
         # acknowledged, so the key is done, without a result, for duplicates not to run again.
+        request.reliable_in_body = False
         with transaction.atomic(using=conf.DATABASE):
             if ledger.complete(claim, None):
                 ledger.done_cache.remember(writes, task.name, claim.key, fingerprint, None)
@@ -773,6 +789,7 @@ def _run_leased(
                 "could not release the key; its lease will expire"
             )
         raise
+    request.reliable_in_body = False
     stored = ledger.encode_result(task.name, result)
     with transaction.atomic(using=conf.DATABASE):
         completed = ledger.complete(claim, stored)

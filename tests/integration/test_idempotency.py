@@ -20,7 +20,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from reliable_tasks import IdempotencyKeyReused, InvalidIdempotencyKey, ledger, pruning
-from reliable_tasks.models import IdempotencyKey, KeyResult, TaskAttempt
+from reliable_tasks.models import IdempotencyKey, KeyResult, OutboxMessage, TaskAttempt
 from tests.testapp.models import Effect, GatewayCharge, Observed
 from tests.testapp.tasks import (
     charge,
@@ -624,6 +624,52 @@ def test_a_task_that_swallows_a_database_error_in_its_transaction_fails_instead_
     assert not Effect.objects.exists()
     assert not GatewayCharge.objects.exists()
     assert not IdempotencyKey.objects.exists()
+
+
+@pytest.mark.postgres
+def test_a_commit_that_fails_after_the_follow_ups_were_sent_leaves_them_to_the_retry() -> None:
+    """PostgreSQL checks a deferred constraint (Django's foreign keys are) at the commit."""
+    effects, charges = Effect._meta.db_table, GatewayCharge._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"ALTER TABLE {effects} ADD CONSTRAINT effect_task_charged FOREIGN KEY (task_id) "
+            f"REFERENCES {charges} (idempotency_key) DEFERRABLE INITIALLY DEFERRED"
+        )
+    try:
+        outcome = record.apply(("parent",), link=record.si("callback"), task_id="uncharged")
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"ALTER TABLE {effects} DROP CONSTRAINT effect_task_charged")
+    assert outcome.state == "RETRY"
+    assert TaskAttempt.objects.get().exc_type == "django.db.utils.IntegrityError"
+    assert not Effect.objects.exists()
+    [retry] = OutboxMessage.objects.all()
+    assert '"callbacks": [' in retry.body
+    assert "callback" in retry.body
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_under_the_claim_puts_the_message_back_instead_of_failing_an_attempt() -> (
+    None
+):
+    """The session is ended under the worker (a failover, a restart): the claim fails, and the
+    database answers again at once. The task did not fail; its message goes back."""
+    import psycopg
+
+    connection.ensure_connection()
+    pid = connection.connection.info.backend_pid
+    params = connection.get_connection_params()
+    with psycopg.connect(
+        host=params["host"], port=params.get("port", 5432), user=params["user"],
+        dbname=params["dbname"], autocommit=True,
+    ) as admin:  # fmt: skip
+        admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+    outcome = record.apply(("blip",), task_id="blip")
+    assert outcome.state == "REJECTED"
+    assert not TaskAttempt.objects.exists()
+    assert not OutboxMessage.objects.exists()
+    assert record.apply(("blip",), task_id="blip").get() == "blip"
+    assert list(Effect.objects.values_list("key", flat=True)) == ["blip"]
 
 
 def test_a_lease_mode_retry_with_other_arguments_leaves_a_key_another_delivery_took_meanwhile(
