@@ -27,7 +27,7 @@ from django.contrib.admin.views.main import ChangeList
 from django.contrib.auth import get_permission_codename
 from django.core.exceptions import PermissionDenied
 from django.db import models, transaction
-from django.db.models import Count, Min, Q, QuerySet, TextField
+from django.db.models import Count, Max, Min, Q, QuerySet, TextField
 from django.db.models.functions import Cast
 from django.http import (
     HttpRequest,
@@ -47,7 +47,7 @@ from kombu import serialization
 
 from . import dead
 from .conf import conf
-from .forms import EditedArgumentsForm, RequeueForm
+from .forms import BulkBoundForm, EditedArgumentsForm, RequeueForm
 from .models import (
     DeadReason,
     DeadStatus,
@@ -778,19 +778,32 @@ class DeadTaskAdmin(_MessageFields, ReadOnlyAdmin[DeadTask]):
         *,
         scope: Literal["selection", "matching"],
     ) -> HttpResponseBase | None:
-        """Show how many dead tasks will be affected; act once the operator confirms."""
+        """Show how many dead tasks will be affected; act once the operator confirms.
+
+        The act covers the dead tasks the confirmation page counted, up to the newest of them;
+        those that arrived since are left, and the result says how many.
+        """
         self._require(request, operation)
         dead_ones = queryset.filter(status=DeadStatus.DEAD).order_by("pk")
-        if operation == "requeue":
-            affected, unsendable = _requeueable(dead_ones)
-        else:
-            affected, unsendable = list(dead_ones.values_list("pk", flat=True)), 0
         confirmed = request.method == "POST" and request.POST.get("confirm") == "yes"
         form = RequeueForm(request.POST if confirmed else None)
-        if confirmed and affected and (operation == "discard" or form.is_valid()):
-            renew_key = operation == "requeue" and form.renew_key
-            self._run_bulk(request, operation, affected, renew_key=renew_key)
-            return None
+        bound = BulkBoundForm(request.POST if confirmed else None)
+        if confirmed and not bound.is_valid():
+            self.message_user(
+                request,
+                "The confirmation did not say which dead tasks it counted; nothing was changed. "
+                "Check the count below and confirm again.",
+                messages.WARNING,
+            )
+        elif confirmed and (operation == "discard" or form.is_valid()):
+            up_to = bound.cleaned_data["up_to"]
+            affected, _ = _affected(operation, dead_ones.filter(pk__lte=up_to))
+            if affected:
+                renew_key = operation == "requeue" and form.renew_key
+                self._run_bulk(request, operation, affected, renew_key=renew_key)
+                self._report_arrivals(request, dead_ones.filter(pk__gt=up_to).count())
+                return None
+        affected, unsendable = _affected(operation, dead_ones)
         total = queryset.count()
         context = {
             **self.admin_site.each_context(request),
@@ -807,6 +820,7 @@ class DeadTaskAdmin(_MessageFields, ReadOnlyAdmin[DeadTask]):
             "batch_size": BATCH_SIZE,
             "sample": DeadTask.objects.using(conf.DATABASE).filter(pk__in=affected[:SAMPLE_SIZE]),
             "form": form if operation == "requeue" else None,
+            "up_to": dead_ones.aggregate(newest=Max("pk"))["newest"],
             "filters": [(k, v) for k, v in request.GET.items() if k not in ("o", "p")],
             "action_name": f"{operation}_selected",
             "selected": request.POST.getlist(helpers.ACTION_CHECKBOX_NAME),
@@ -817,6 +831,18 @@ class DeadTaskAdmin(_MessageFields, ReadOnlyAdmin[DeadTask]):
         request.current_app = self.admin_site.name
         return TemplateResponse(
             request, "admin/reliable_tasks/deadtask/bulk_confirmation.html", context
+        )
+
+    def _report_arrivals(self, request: HttpRequest, arrived: int) -> None:
+        if not arrived:
+            return
+        one = arrived == 1
+        self.message_user(
+            request,
+            f"{arrived:,} more dead task{'' if one else 's'} matching arrived after the "
+            f"confirmation page was shown; {'it was' if one else 'they were'} left as "
+            f"{'it is' if one else 'they are'}, for a next look.",
+            messages.WARNING,
         )
 
     def _run_bulk(
@@ -867,6 +893,13 @@ class DeadTaskAdmin(_MessageFields, ReadOnlyAdmin[DeadTask]):
             f"{verb} {done:,} dead task{'s' if done != 1 else ''}{where}.",
             messages.SUCCESS,
         )
+
+
+def _affected(operation: Operation, dead_ones: QuerySet[DeadTask]) -> tuple[list[int], int]:
+    """The ids ``operation`` would act on, and a count of those it would refuse."""
+    if operation == "requeue":
+        return _requeueable(dead_ones)
+    return list(dead_ones.values_list("pk", flat=True)), 0
 
 
 def _requeueable(dead_ones: QuerySet[DeadTask]) -> tuple[list[int], int]:

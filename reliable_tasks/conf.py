@@ -116,7 +116,8 @@ SETTINGS: dict[str, Setting] = {
     "HEALTH_MAX_DUE_AGE": Setting(
         60.0,
         (int, float),
-        "health/ fails when the oldest due outbox row has waited longer than this, in seconds.",
+        "health/ fails when the oldest due outbox row has waited longer than this, in seconds, "
+        "or a pending row the broker refused was enqueued longer ago than this.",
     ),
     "PRUNE_BATCH_SIZE": Setting(1000, (int,), "Rows deleted per statement when pruning."),
     "CELERY_APP": Setting(

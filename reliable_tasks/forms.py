@@ -1,4 +1,5 @@
-"""Forms of the dead-task admin: how to requeue, and arguments corrected by an operator."""
+"""Forms of the dead-task admin: how to requeue, what a bulk act covers, and arguments corrected
+by an operator."""
 
 from __future__ import annotations
 
@@ -32,6 +33,18 @@ class RequeueForm(forms.Form):
     @property
     def renew_key(self) -> bool:
         return bool(self.cleaned_data["key"] == RENEW)
+
+
+class BulkBoundForm(forms.Form):
+    """The newest dead task a bulk confirmation counted: the act it confirms stops there.
+
+    Dead tasks keep arriving while an operator reads the page; those are not part of the count
+    the button showed. Ids are drawn in insertion order, so the highest id counted is the bound
+    (only a capture that drew its id before the page and committed after it slips under it).
+    It needs no signature: an operator who may act could as well widen the filter.
+    """
+
+    up_to = forms.IntegerField(min_value=0, widget=forms.HiddenInput)
 
 
 class EditedArgumentsForm(RequeueForm):

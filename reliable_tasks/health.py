@@ -20,7 +20,8 @@ class Health:
 
 
 def check() -> Health:
-    """Judge the pipeline: database reachable, a relay alive, the backlog not too old."""
+    """Judge the pipeline: database reachable, a relay alive, the backlog not too old, no row
+    refused by the broker for too long."""
     try:
         snap = snapshot()
     except DatabaseError as exc:
@@ -49,5 +50,17 @@ def check() -> Health:
         reasons.append(
             f"the oldest due outbox row has waited {age:.0f} s (more than {limit:g} s): "
             f"{snap.outbox_due} rows are due; is the broker reachable from the relay?"
+        )
+    failing = snap.oldest_failing_age_seconds
+    if failing is not None and failing > limit:
+        rows = (
+            "1 outbox row fails"
+            if snap.outbox_failing == 1
+            else f"{snap.outbox_failing} outbox rows fail"
+        )
+        reasons.append(
+            f"{rows} to publish; the oldest was enqueued {failing:.0f} s ago (more than "
+            f"{limit:g} s) and the relay keeps setting it aside for a later try: see the last "
+            "error of pending rows in the outbox admin, or the relay's 'not published' log lines"
         )
     return Health(ok=not reasons, reasons=reasons, snapshot=snap)

@@ -65,6 +65,10 @@ class Snapshot:
     outbox_pending: int
     outbox_due: int
     oldest_due_age_seconds: float | None
+    #: Pending rows whose last publish the broker refused (or that could not be built).
+    outbox_failing: int
+    #: How long ago the oldest of them was enqueued.
+    oldest_failing_age_seconds: float | None
     dispatched_last_minute: int
     retries_scheduled: int
     relays: list[Relay]
@@ -89,12 +93,16 @@ class Snapshot:
 
 
 def snapshot(*, now: datetime | None = None) -> Snapshot:
-    """The pipeline's state now: backlog, dispatch rate, relays, retries, dead tasks, ledger."""
+    """The pipeline's state now: backlog, refused rows, dispatch rate, relays, retries, dead
+    tasks, ledger."""
     now = now or timezone.now()
     outbox = OutboxMessage.objects.using(conf.DATABASE)
     pending = outbox.filter(status=OutboxStatus.PENDING)
     due = pending.filter(due_at__lte=now)
     oldest = due.aggregate(oldest=Min("due_at"))["oldest"]
+    # The relay sets a refused row aside with a backoff (its due_at moves ahead each time), so
+    # the due age stays low while the broker refuses everything; the rows' own age does not.
+    failing = pending.exclude(last_error="").aggregate(n=Count("pk"), oldest=Min("created_at"))
     dead = DeadTask.objects.using(conf.DATABASE).filter(status=DeadStatus.DEAD)
     keys, estimated = _ledger_size()
     return Snapshot(
@@ -102,6 +110,10 @@ def snapshot(*, now: datetime | None = None) -> Snapshot:
         outbox_pending=pending.count(),
         outbox_due=due.count(),
         oldest_due_age_seconds=(now - oldest).total_seconds() if oldest else None,
+        outbox_failing=failing["n"],
+        oldest_failing_age_seconds=(
+            (now - failing["oldest"]).total_seconds() if failing["oldest"] else None
+        ),
         dispatched_last_minute=outbox.filter(
             status=OutboxStatus.DISPATCHED, dispatched_at__gte=now - timedelta(minutes=1)
         ).count(),

@@ -24,6 +24,8 @@ def health(request: HttpRequest) -> JsonResponse:
             "pending": snap.outbox_pending,
             "due": snap.outbox_due,
             "oldest_due_age_seconds": snap.oldest_due_age_seconds,
+            "failing": snap.outbox_failing,
+            "oldest_failing_age_seconds": snap.oldest_failing_age_seconds,
             "dispatched_last_minute": snap.dispatched_last_minute,
         }
         body["relays"] = [
@@ -80,6 +82,16 @@ class _Collector:
             "reliable_tasks_outbox_oldest_due_age_seconds",
             "How long the oldest due outbox row has waited.",
             value=s.oldest_due_age_seconds or 0.0,
+        )
+        yield GaugeMetricFamily(
+            "reliable_tasks_outbox_failing",
+            "Pending outbox rows whose last publish failed.",
+            value=s.outbox_failing,
+        )
+        yield GaugeMetricFamily(
+            "reliable_tasks_outbox_oldest_failing_age_seconds",
+            "How long ago the oldest pending row whose last publish failed was enqueued.",
+            value=s.oldest_failing_age_seconds or 0.0,
         )
         yield GaugeMetricFamily(
             "reliable_tasks_dispatched_last_minute",

@@ -87,6 +87,13 @@ def messages_of(response: Any) -> list[str]:
     return [str(m) for m in response.context["messages"]] if response.context else []
 
 
+def bound_of(page: str) -> str:
+    """The newest dead task a bulk confirmation page counted, as its form sends it back."""
+    found = re.search(r'name="up_to" value="(\d+)"', page)
+    assert found is not None, "the confirmation page carries no bound"
+    return found.group(1)
+
+
 # -- the list ----------------------------------------------------------------------------------------
 
 
@@ -384,11 +391,11 @@ def _posts(dead: DeadTask) -> dict[str, tuple[str, dict[str, Any]]]:
     return {
         "requeue": (url("requeue", dead.pk), {"key": "keep"}),
         "requeue edited": (url("requeue_edited", dead.pk), {"args": "[]", "kwargs": "{}", "key": "keep"}),
-        "requeue matching": (url("requeue_matching"), {"confirm": "yes", "key": "keep"}),
+        "requeue matching": (url("requeue_matching"), {"confirm": "yes", "key": "keep", "up_to": dead.pk}),
         "requeue action": (reverse(CHANGELIST), {"action": "requeue_selected", "_selected_action": [dead.pk], "index": 0}),
         "discard": (url("discard", dead.pk), {}),
-        "discard matching": (url("discard_matching"), {"confirm": "yes"}),
-        "discard action": (reverse(CHANGELIST), {"action": "discard_selected", "_selected_action": [dead.pk], "confirm": "yes"}),
+        "discard matching": (url("discard_matching"), {"confirm": "yes", "up_to": dead.pk}),
+        "discard action": (reverse(CHANGELIST), {"action": "discard_selected", "_selected_action": [dead.pk], "confirm": "yes", "up_to": dead.pk}),
         "delete action": (reverse(CHANGELIST), {"action": "delete_selected", "_selected_action": [dead.pk], "post": "yes"}),
         "delete": (url("delete", dead.pk), {"post": "yes"}),
     }  # fmt: skip
@@ -464,7 +471,9 @@ def test_bulk_requeue_of_a_filter_of_1000_dead_tasks_covers_every_page_in_batche
     assert "1 of them is already requeued or discarded" in page
     assert not OutboxMessage.objects.filter(status=OutboxStatus.PENDING).exists()  # not yet
 
-    response = client.post(url("requeue_matching") + query, {"confirm": "yes", "key": "keep"})
+    response = client.post(
+        url("requeue_matching") + query, {"confirm": "yes", "key": "keep", "up_to": bound_of(page)}
+    )
     assert response.status_code == 302
     assert response["Location"].endswith(reverse(CHANGELIST) + query)
     assert DeadTask.objects.filter(reason="exhausted", status=DeadStatus.REQUEUED).count() == 1001
@@ -483,7 +492,11 @@ def test_bulk_requeue_honours_the_search_too() -> None:
     client = login(superuser=True)
     wanted = make_dead_task(record, "needle-1")
     make_dead_task(record, "haystack")
-    client.post(url("requeue_matching") + "?q=needle", {"confirm": "yes", "key": "renew"})
+    page = text(client.get(url("requeue_matching") + "?q=needle"))
+    client.post(
+        url("requeue_matching") + "?q=needle",
+        {"confirm": "yes", "key": "renew", "up_to": bound_of(page)},
+    )
     assert set(
         DeadTask.objects.filter(status=DeadStatus.REQUEUED).values_list("pk", flat=True)
     ) == {wanted.pk}
@@ -508,7 +521,12 @@ def test_bulk_discard_of_the_selection_confirms_first_then_discards_only_the_sel
 
     response = client.post(
         reverse(CHANGELIST),
-        {"action": "discard_selected", "_selected_action": selection, "confirm": "yes"},
+        {
+            "action": "discard_selected",
+            "_selected_action": selection,
+            "confirm": "yes",
+            "up_to": bound_of(page),
+        },
     )
     assert response.status_code == 302
     assert set(
@@ -531,7 +549,10 @@ def test_the_requeue_action_with_select_across_takes_every_page_of_the_filter() 
     data = {"action": "requeue_selected", "_selected_action": first_page, "select_across": "1"}
     page = text(client.post(reverse(CHANGELIST) + query, {**data, "index": 0}))
     assert "<strong>150</strong> dead tasks will be requeued" in page
-    client.post(reverse(CHANGELIST) + query, {**data, "confirm": "yes", "key": "keep"})
+    client.post(
+        reverse(CHANGELIST) + query,
+        {**data, "confirm": "yes", "key": "keep", "up_to": bound_of(page)},
+    )
     assert DeadTask.objects.filter(status=DeadStatus.REQUEUED).count() == 150
     assert DeadTask.objects.get(status=DeadStatus.DEAD).task_name == "tests.testapp.tasks.charge"
 
@@ -547,11 +568,51 @@ def test_bulk_requeue_leaves_messages_it_cannot_send_and_says_how_many() -> None
     page = text(client.get(url("requeue_matching")))
     assert "<strong>1</strong> dead task will be requeued" in page
     assert "1 cannot be requeued as it is" in page
-    client.post(url("requeue_matching"), {"confirm": "yes", "key": "keep"})
+    client.post(url("requeue_matching"), {"confirm": "yes", "key": "keep", "up_to": bound_of(page)})
     assert dict(DeadTask.objects.values_list("reason", "status")) == {
         "exhausted": DeadStatus.REQUEUED,
         "undecodable": DeadStatus.DEAD,
     }
+
+
+@pytest.mark.parametrize(
+    ("operation", "status", "done"),
+    [("requeue", DeadStatus.REQUEUED, "Requeued"), ("discard", DeadStatus.DISCARDED, "Discarded")],
+)
+def test_bulk_on_a_filter_leaves_dead_tasks_that_arrived_after_the_confirmation_page(
+    operation: str, status: str, done: str
+) -> None:
+    client = login(superuser=True)
+    counted = [make_dead_task(record, f"counted-{n}") for n in range(2)]
+    query = "?reason__exact=exhausted"
+    page = text(client.get(url(f"{operation}_matching") + query))
+    assert "<strong>2</strong> dead tasks will be" in page
+    late = make_dead_task(record, "arrived-while-the-operator-read")  # matches the filter too
+    response = client.post(
+        url(f"{operation}_matching") + query,
+        {"confirm": "yes", "key": "keep", "up_to": bound_of(page)},
+        follow=True,
+    )
+    assert {d.pk: d.status for d in DeadTask.objects.all()} == {
+        **{d.pk: status for d in counted},
+        late.pk: DeadStatus.DEAD,
+    }
+    assert LogEntry.objects.count() == 2
+    said = messages_of(response)
+    assert said[0].startswith(f"{done} 2 dead tasks")
+    assert said[1] == (
+        "1 more dead task matching arrived after the confirmation page was shown; "
+        "it was left as it is, for a next look."
+    )
+
+
+def test_a_bulk_confirmation_posted_without_its_bound_changes_nothing_and_asks_again() -> None:
+    client = login(superuser=True)
+    make_dead_task(record, "x")
+    page = text(client.post(url("discard_matching"), {"confirm": "yes"}))
+    assert "did not say which dead tasks it counted; nothing was changed" in page
+    assert bound_of(page)  # the page asks again, with a bound this time
+    assert DeadTask.objects.get().status == DeadStatus.DEAD
 
 
 def test_a_bulk_confirmation_with_nothing_to_do_offers_no_button() -> None:

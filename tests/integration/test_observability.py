@@ -5,16 +5,19 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import re
 
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
+from django.db.models import F
 from django.test import Client, override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from reliable_tasks import metrics, testing
 from reliable_tasks.models import DeadTask, IdempotencyKey, OutboxMessage, RelayHeartbeat
+from reliable_tasks.relay import Relay
 from tests.support import make_dead_task
 from tests.testapp.tasks import pay, record
 
@@ -103,6 +106,40 @@ def test_health_fails_on_an_old_backlog_and_shows_no_arguments(client: Client) -
     [reason] = response.json()["reasons"]
     assert reason.startswith("the oldest due outbox row has waited 60 s (more than 10 s)")
     assert "s3cr3t" not in response.content.decode()
+
+
+@override_settings(RELIABLE_TASKS_HEALTH_MAX_DUE_AGE=30)
+def test_health_fails_when_a_row_keeps_failing_to_publish_though_no_due_row_waits(
+    client: Client, relay: Relay
+) -> None:
+    beat()
+    record.apply_async(
+        ("s3cr3t-argument",), exchange="rt-tests-no-such-exchange", routing_key="x", queue=None
+    )
+    assert relay.run_once() == 0
+    assert client.get("/rt/health/").status_code == 200  # refused once, just now: not yet news
+    # Two minutes on, the relay's backoff is due again and the broker refuses it again.
+    OutboxMessage.objects.update(
+        created_at=F("created_at") - dt.timedelta(seconds=120), due_at=timezone.now()
+    )
+    assert relay.run_once() == 0
+    row = OutboxMessage.objects.get()
+    assert (row.status, row.publish_attempts) == ("pending", 2)
+    assert row.due_at > timezone.now()  # set aside again: the due age does not see it
+    response = client.get("/rt/health/")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["outbox"]["oldest_due_age_seconds"] is None
+    assert body["outbox"]["failing"] == 1
+    [reason] = body["reasons"]
+    assert reason.startswith(
+        "1 outbox row fails to publish; the oldest was enqueued 120 s ago (more than 30 s)"
+    )
+    assert "last error" in reason
+    assert "s3cr3t" not in response.content.decode()
+    text = client.get("/rt/metrics/").content.decode()
+    assert "reliable_tasks_outbox_failing 1.0" in text
+    assert re.search(r"^reliable_tasks_outbox_oldest_failing_age_seconds 12\d\.", text, re.M)
 
 
 def test_a_stale_relay_fails_health_with_when_it_was_last_seen(client: Client) -> None:
@@ -321,7 +358,8 @@ def test_the_snapshot_queries_use_indexes_on_large_tables() -> None:
                    CASE WHEN g <= 1000 THEN 'pending' ELSE 'dispatched' END, %s,
                    %s - (g || ' seconds')::interval,
                    CASE WHEN g <= 1000 THEN NULL ELSE %s - ((g - 1000) || ' seconds')::interval END,
-                   1, '', CASE WHEN g <= 100 THEN 1 ELSE 0 END
+                   1, CASE WHEN g <= 10 THEN 'nacked by the broker' ELSE '' END,
+                   CASE WHEN g <= 100 THEN 1 ELSE 0 END
             FROM generate_series(1, 201000) g
             """,
             [now, now, now],
@@ -348,6 +386,7 @@ def test_the_snapshot_queries_use_indexes_on_large_tables() -> None:
         snap = metrics.snapshot(now=now)
     # The figures, as a check that the queries explained below are the ones that count them.
     assert (snap.outbox_pending, snap.outbox_due, snap.retries_scheduled) == (1000, 1000, 100)
+    assert snap.outbox_failing == 10
     assert snap.dispatched_last_minute == 60
     assert sum(snap.dead_by_reason.values()) == sum(snap.dead_by_task.values()) == 500
     tables = ("reliable_tasks_outbox", "reliable_tasks_dead")
@@ -357,8 +396,9 @@ def test_the_snapshot_queries_use_indexes_on_large_tables() -> None:
             if any(table in query["sql"] for table in tables):
                 cursor.execute("EXPLAIN " + query["sql"])
                 plans[query["sql"]] = "\n".join(row[0] for row in cursor.fetchall())
-    # pending, due, oldest due, dispatched in the last minute, retries, dead by reason and task
-    assert len(plans) == 7, list(plans)
+    # pending, due, oldest due, failing, dispatched in the last minute, retries, dead by reason
+    # and by task
+    assert len(plans) == 8, list(plans)
     for sql, plan in plans.items():
         for table in tables:
             assert f"Seq Scan on {table}" not in plan, f"{sql}\n{plan}"
