@@ -37,6 +37,10 @@ class Unsupported(Exception):
     """A value this module does not write; py-amqp's own encoder takes the message."""
 
 
+class CannotFrame(ValueError):
+    """A message ``basic.publish`` cannot carry; ``PublishWriter.add`` framed none of it."""
+
+
 def _shortstr(value: Any) -> bytes:
     data = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
     if type(data) is not bytes or len(data) > 255:
@@ -206,6 +210,14 @@ class Message(amqp.Message):
         return self.content_header()
 
 
+def _name(value: str, what: str) -> bytes:
+    try:
+        return _shortstr(value)
+    except Unsupported:
+        size = len(value.encode("utf-8", "surrogatepass"))
+        raise CannotFrame(f"{what} is {size} bytes in UTF-8; AMQP allows 255 at most") from None
+
+
 _FRAME_HEAD = struct.Struct(">BHI")
 _FRAME_END = b"\xce"
 # basic.publish (class 60, method 40), its reserved short first; and the content header's
@@ -236,12 +248,21 @@ class PublishWriter:
         self._methods: dict[tuple[str, str, bool], bytes] = {}
 
     def add(self, message: Message, exchange: str, routing_key: str, mandatory: bool) -> None:
+        """Frame ``message``; send the frames held once they reach ``SEND_AT`` bytes.
+
+        Raises ``CannotFrame``, with nothing framed, for a message AMQP cannot carry; what
+        sending raises is the connection's.
+        """
         channel = self.channel_id
         parts = self._parts
         key = (exchange, routing_key, mandatory)
         method = self._methods.get(key)
         if method is None:
-            args = _PUBLISH.pack(60, 40, 0) + _shortstr(exchange) + _shortstr(routing_key)
+            args = (
+                _PUBLISH.pack(60, 40, 0)
+                + _name(exchange, "the exchange name")
+                + _name(routing_key, "the routing key")
+            )
             method = args + (b"\x01" if mandatory else b"\x00")
             method = _FRAME_HEAD.pack(1, channel, len(method)) + method + _FRAME_END
             if len(self._methods) >= _KEYS_MAX:
@@ -249,7 +270,15 @@ class PublishWriter:
             self._methods[key] = method
         body = message.body
         if isinstance(body, str):
-            body = body.encode(message.properties.setdefault("content_encoding", "utf-8"))
+            # py-amqp takes a missing encoding for UTF-8; kombu an empty one too.
+            encoding = message.properties.get("content_encoding") or "utf-8"
+            message.properties["content_encoding"] = encoding
+            try:
+                body = body.encode(encoding)
+            except (LookupError, UnicodeError) as exc:
+                raise CannotFrame(
+                    f"the body is text to encode as content_encoding {encoding!r}: {exc}"
+                ) from None
         header = _CONTENT.pack(60, 0, len(body)) + message.content_header()
         parts += (method, _FRAME_HEAD.pack(2, channel, len(header)), header, _FRAME_END)
         chunk = self.connection.frame_max - 8

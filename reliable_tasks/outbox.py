@@ -171,12 +171,21 @@ class CapturingProducer:
                 "(a table, object storage) and pass its key. Nothing was written to the outbox."
             )
         _refuse_non_text_keys(name, body)
+        queue = _queue_name(declare)
+        exchange = getattr(exchange, "name", exchange) or ""
+        routing_key = routing_key or ""
+        for option, value in (
+            ("queue", queue),  # first: Celery routes to a queue by its name
+            ("exchange", exchange),
+            ("routing_key", routing_key),
+        ):
+            _refuse_long_name(name, option, value)
         self.message = CapturedMessage(
             task_name=name,
             task_id=task_id,
-            queue=_queue_name(declare),
-            exchange=getattr(exchange, "name", exchange) or "",
-            routing_key=routing_key or "",
+            queue=queue,
+            exchange=exchange,
+            routing_key=routing_key,
             headers=headers,
             properties=properties,
             body=data,
@@ -532,11 +541,52 @@ def _is_text(key: Any) -> bool:
     return isinstance(key, str)
 
 
+def _refuse_long_name(task_name: str, option: str, value: str) -> None:
+    # A character is 4 bytes in UTF-8 at most: a short name needs no encoding to be measured.
+    size = len(value.encode("utf-8", "surrogatepass")) if len(value) > 63 else 0
+    if size > 255:
+        raise UnsupportedOption(
+            f"task {task_name!r} cannot be enqueued: its {option} {value[:40]!r}... is {size} "
+            "bytes in UTF-8; AMQP allows 255 at most, so the relay could never publish it. Use a "
+            "shorter name. Nothing was written to the outbox; the transaction is still usable."
+        )
+
+
 def _encode_mapping(task_name: str, what: str, value: Mapping[str, Any]) -> str:
     try:
-        return json.dumps(value, separators=(",", ":"))
+        # Python's JSON writes NaN and Infinity, which the database's JSON refuses.
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError):
         raise _not_serializable(task_name, value, what=what) from None
+    # JSON writes a surrogate as \udXXXX; alone, the database's JSON refuses it. Characters
+    # beyond the BMP are written as such pairs too: only then is the slower exact search needed.
+    if "\\ud" in text:
+        found = _first_unencodable(value, what, _no_surrogate, _no_surrogate)
+        if found is not None:
+            path, bad = found
+            raise PayloadNotSerializable(
+                f"task {task_name!r} cannot be enqueued: {path} holds the text {_shown(bad)}, "
+                "with a surrogate code point (U+D800 to U+DFFF) that is not part of any "
+                "character, which the database cannot store. Remove it, or pass the text in the "
+                "task's arguments. Nothing was written to the outbox; the transaction is still "
+                "usable."
+            )
+    return text
+
+
+def _no_surrogate(value: Any) -> bool:
+    if not isinstance(value, str):
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
 def _not_serializable(task_name: str, value: Any, what: str = "") -> PayloadNotSerializable:
@@ -548,9 +598,13 @@ def _not_serializable(task_name: str, value: Any, what: str = "") -> PayloadNotS
             kwargs, "kwargs", _kombu_encodes
         )
     path, bad = found or (what or "the arguments", value)
-    shown = repr(bad)
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
+    shown = _shown(bad)
+    if isinstance(bad, float):
+        return PayloadNotSerializable(
+            f"task {task_name!r} cannot be enqueued: {path} = {shown} is not a finite number, "
+            "and JSON holds none (the database refuses NaN and Infinity). Pass a finite number, "
+            "or None. Nothing was written to the outbox; the transaction is still usable."
+        )
     return PayloadNotSerializable(
         f"task {task_name!r} cannot be enqueued: {path} = {shown} (type {type(bad).__name__}) "
         "cannot be encoded as JSON. Pass str, int, float, bool, None, list, dict, datetime, date, time, "
@@ -569,7 +623,7 @@ def _kombu_encodes(value: Any) -> bool:
 
 def _json_encodes(value: Any) -> bool:
     try:
-        json.dumps(value)
+        json.dumps(value, allow_nan=False)
     except (TypeError, ValueError):
         return False
     return True

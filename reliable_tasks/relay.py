@@ -23,11 +23,12 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import amqp
 from celery import Celery
+from celery.utils.time import maybe_make_aware
 from django.db import DatabaseError, connections, transaction
 from django.db.models import F, Min
 from django.utils import timezone
@@ -206,7 +207,12 @@ class Publisher:
                 except Exception as exc:  # noqa: BLE001 - one bad row must not stop the batch
                     outcome.failed[row.id] = f"cannot build the message: {_unbuildable(exc)}"
                     continue
-                writer.add(message, row.exchange, row.routing_key, mandatory=True)
+                try:
+                    writer.add(message, row.exchange, row.routing_key, mandatory=True)
+                except amqp_frames.CannotFrame as exc:
+                    # Nothing of it was framed; the broker's errors from sending are not this.
+                    outcome.failed[row.id] = f"cannot build the message: {exc}"
+                    continue
                 self._pending[self._next_tag] = row.id
                 self._next_tag += 1
             writer.send()
@@ -222,8 +228,10 @@ class Publisher:
         if self._returned:
             # Rare: find the returned messages' rows only when there are some.
             for row in rows:
-                if row.task_id in self._returned:
+                if _correlation_id(row) in self._returned:
                     outcome.failed[row.id] = "returned by the broker as unroutable"
+                    # Its queue may have been deleted since it was declared: declare it again.
+                    self._declared.discard(row.queue)
         returned = set(outcome.failed)
         outcome.confirmed = [i for i in outcome.confirmed if i not in returned]
         return outcome
@@ -253,14 +261,23 @@ class Publisher:
         outcome = BatchOutcome()
         for row in rows:
             self._declare(row.queue)
-            message_props = _properties(row)
+            encoding = _content_encoding(row)
+            try:
+                message_props = _properties(row)
+                if "expiration" in message_props:  # kombu takes seconds and writes milliseconds
+                    message_props["expiration"] = int(message_props["expiration"]) / 1000
+                headers = row.header_dict()
+                body = row.body.encode(encoding)
+            except Exception as exc:  # noqa: BLE001 - one bad row must not stop the batch
+                outcome.failed[row.id] = f"cannot build the message: {_unbuildable(exc)}"
+                continue
             self.producer.publish(
-                row.body,
+                body,
                 exchange=row.exchange,
                 routing_key=row.routing_key,
                 content_type=row.content_type,
-                content_encoding=row.content_encoding,
-                headers=row.header_dict(),
+                content_encoding=encoding,
+                headers=headers,
                 **message_props,
             )
             outcome.confirmed.append(row.id)
@@ -274,6 +291,8 @@ class Publisher:
         """
         missing: dict[str, str] = {}
         for name in names - self._exchanges - {""}:
+            if len(name.encode("utf-8", "surrogatepass")) > 255:
+                continue  # py-amqp cannot write the probe; the writer fails its rows alone
             probe: Any = self.connection.channel()
             try:
                 probe.exchange_declare(name, "direct", passive=True)
@@ -312,7 +331,7 @@ class Publisher:
         priority = props.pop("priority", None)
         message = amqp_frames.Message(
             row.body, priority=priority, content_type=row.content_type,
-            content_encoding=row.content_encoding, application_headers=row.headers,
+            content_encoding=_content_encoding(row), application_headers=row.headers,
             headers_table=row.header_table, **props,
         )  # fmt: skip
         # Written here, so a header AMQP cannot carry fails this row only, not the batch.
@@ -345,11 +364,24 @@ def _properties(row: Row) -> dict[str, Any]:
     """AMQP properties for a row: persistent always, the TTL counted from now."""
     props = dict(row.properties)
     props["delivery_mode"] = PERSISTENT
+    # A returned message names its row by this; Celery sets it, a foreign producer may not.
+    props["correlation_id"] = _correlation_id(row)
     expires = row.expires
     if expires:
-        left = (datetime.fromisoformat(expires) - timezone.now()).total_seconds()
+        # Naive, it is UTC, as Celery's worker reads it (maybe_make_aware).
+        until = maybe_make_aware(datetime.fromisoformat(expires))
+        left = (until - datetime.now(UTC)).total_seconds()
         props["expiration"] = str(max(0, int(left * 1000)))
     return props
+
+
+def _correlation_id(row: Row) -> str:
+    return str(row.properties.get("correlation_id") or row.task_id)
+
+
+def _content_encoding(row: Row) -> str:
+    # An empty one (a requeued message from a producer that named none) is kombu's UTF-8.
+    return row.content_encoding or "utf-8"
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from kombu import serialization
 
-from reliable_tasks import PayloadNotSerializable, PayloadTooLarge, testing
+from reliable_tasks import PayloadNotSerializable, PayloadTooLarge, UnsupportedOption, testing
 from reliable_tasks.models import OutboxMessage
 from reliable_tasks.relay import Relay
 from tests.support import Broker
@@ -214,3 +214,48 @@ def _same_types(got: Any, want: Any) -> bool:
             _same_types(g, w) for g, w in zip(got, want, strict=True)
         )
     return type(got) is type(want)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"time_limit": float("inf")}, r"headers\['timelimit'\]\[0\] = inf is not a finite"),
+        ({"headers": {"ratio": float("nan")}}, r"headers\['ratio'\] = nan is not a finite"),
+        ({"headers": {"note": "a\ud800b"}}, r"headers\['note'\] holds the text 'a\\ud800b'"),
+    ],
+    ids=["infinite-time-limit", "nan-header", "lone-surrogate-header"],
+)
+def test_a_header_json_cannot_hold_is_refused_by_name_and_the_transaction_stays_usable(
+    options: dict[str, Any], named: str
+) -> None:
+    """Python's JSON writes NaN, Infinity and lone surrogates; the database's JSON refuses
+    them (PostgreSQL at the INSERT, breaking the transaction; SQLite when the relay reads)."""
+    with transaction.atomic():
+        with pytest.raises(PayloadNotSerializable, match=named):
+            record.apply_async(("refused",), **options)
+        record.delay("ok")
+    [entry] = testing.enqueued()
+    assert entry.args == ("ok",)
+
+
+@pytest.mark.parametrize(
+    ("option", "others"),
+    [
+        ("routing_key", {"exchange": "amq.direct"}),
+        ("exchange", {"routing_key": "rk"}),
+        ("queue", {}),
+    ],
+)
+def test_a_name_amqp_cannot_carry_is_refused_at_enqueue_and_the_transaction_stays_usable(
+    option: str, others: dict[str, str]
+) -> None:
+    """AMQP carries exchange, routing key and queue names of 255 bytes at most."""
+    with transaction.atomic():
+        with pytest.raises(
+            UnsupportedOption, match=rf"its {option} .* is 256 bytes in UTF-8; AMQP allows 255"
+        ):
+            record.apply_async(("refused",), **{option: "é" * 128}, **others)  # 256 bytes
+        record.apply_async(("ok",), **{option: "é" * 127}, **others)
+    [entry] = testing.enqueued()
+    assert entry.args == ("ok",)
+    assert getattr(OutboxMessage.objects.get(), option) == "é" * 127

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import pytest
@@ -263,3 +264,119 @@ def test_a_queue_the_broker_refuses_to_declare_is_isolated_and_the_rest_flow(
         assert "PRECONDITION_FAILED" in refused.last_error
     finally:
         broker.channel.queue_delete(mismatched)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        # 200 characters fit the column, 400 bytes in UTF-8 do not fit AMQP's short string: a
+        # row written before enqueue checked the length.
+        ("routing_key", "é" * 200, "the routing key is 400 bytes in UTF-8"),
+        ("exchange", "é" * 200, "the exchange name is 400 bytes in UTF-8"),
+        ("content_encoding", "no-such-codec", "content_encoding 'no-such-codec'"),
+    ],
+)
+def test_a_row_amqp_cannot_frame_fails_alone_and_the_rest_flow(
+    broker: Broker, relay: Relay, field: str, value: str, reason: str
+) -> None:
+    """The relay used to die on such a row, and every restart on it again: the outbox stopped."""
+    record.delay("before")
+    unframeable = record.delay("set aside").id
+    record.delay("after")
+    OutboxMessage.objects.filter(task_id=unframeable).update(**{field: value})
+    relay.drain(timeout=30)
+    delivered = sorted(json.loads(m.body)[0][0] for m in broker.get_all(expect=2))
+    assert delivered == ["after", "before"]
+    row = OutboxMessage.objects.get(status="pending")
+    assert row.task_id == unframeable
+    assert row.last_error.startswith("cannot build the message: ")
+    assert reason in row.last_error
+    assert row.publish_attempts == 1
+    assert row.due_at > timezone.now()
+
+
+def test_a_text_body_with_an_empty_content_encoding_is_published_as_utf_8(
+    broker: Broker, relay: Relay
+) -> None:
+    """A dead task captured from a producer that named no encoding, then requeued."""
+    result = record.delay("naïve ☕")
+    OutboxMessage.objects.update(content_encoding="")
+    assert relay.drain() == 1
+    [message] = broker.get_all(expect=1)
+    assert message.properties["content_encoding"] == "utf-8"
+    assert json.loads(message.body)[0] == ["naïve ☕"]  # py-amqp decoded it as UTF-8
+    assert message.headers["id"] == result.id
+
+
+def test_a_naive_expires_is_utc_as_the_worker_reads_it(broker: Broker, relay: Relay) -> None:
+    """Celery keeps a naive ``expires`` naive; its worker takes it as UTC (maybe_make_aware)."""
+    in_five_minutes = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(minutes=5)
+    result = record.apply_async(("naive",), expires=in_five_minutes)
+    assert OutboxMessage.objects.get().headers["expires"] == in_five_minutes.isoformat()
+    assert relay.run_once() == 1
+    [message] = broker.get_all(expect=1)
+    assert message.headers["id"] == result.id
+    assert 280_000 <= int(message.properties["expiration"]) <= 300_000
+
+
+@pytest.mark.parametrize("naive", [False, True], ids=["seconds", "naive-datetime"])
+def test_expires_becomes_the_ttl_on_a_broker_without_confirms(naive: bool) -> None:
+    """kombu's producer takes the TTL in seconds (the relay used to give it milliseconds as
+    text, and died on it), and a naive expires is UTC there too."""
+    app = Celery("memory-relay-ttl", broker="memory://", set_as_current=False)
+    in_five_minutes = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(minutes=5)
+    record.apply_async(("ttl",), expires=in_five_minutes if naive else 300)
+    with Relay(app) as memory_relay:
+        assert memory_relay.drain() == 1
+    with app.connection_for_read() as connection:
+        queue = connection.SimpleQueue(QUEUE)
+        message = queue.get(timeout=5)
+        queue.close()
+    assert 280_000 <= int(message.properties["expiration"]) <= 300_000
+
+
+@override_settings(USE_TZ=False)
+def test_expires_becomes_the_ttl_when_django_keeps_naive_times(
+    broker: Broker, relay: Relay
+) -> None:
+    record.apply_async(("ttl",), expires=300)
+    assert relay.run_once() == 1
+    [message] = broker.get_all(expect=1)
+    assert 280_000 <= int(message.properties["expiration"]) <= 300_000
+
+
+def test_a_returned_message_whose_row_has_no_correlation_id_is_not_marked_dispatched(
+    broker: Broker, relay: Relay
+) -> None:
+    """A requeued dead task from a foreign producer may have no correlation_id: the relay
+    gives it the task id, as Celery does, which is how a return finds its row."""
+    returned = record.apply_async(
+        ("unroutable",), exchange="amq.direct", routing_key="rt-tests-nobody-binds-this"
+    )
+    routed_ok = record.delay("routable")
+    for row in OutboxMessage.objects.all():
+        del row.properties["correlation_id"]
+        row.save(update_fields=["properties"])
+    assert relay.run_once() == 1
+    [message] = broker.get_all(expect=1)
+    assert message.properties["correlation_id"] == message.headers["id"] == routed_ok.id
+    row = OutboxMessage.objects.get(task_id=returned.id)
+    assert row.status == "pending"
+    assert row.last_error == "returned by the broker as unroutable"
+
+
+def test_a_queue_deleted_while_the_relay_runs_is_declared_again_after_a_return(
+    broker: Broker, relay: Relay
+) -> None:
+    record.delay("declares the queue")
+    assert relay.run_once() == 1
+    broker.channel.queue_delete(QUEUE)
+    record.delay("after the deletion")
+    assert relay.run_once() == 0  # returned: the relay thought the queue was there
+    assert OutboxMessage.objects.get(status="pending").last_error == (
+        "returned by the broker as unroutable"
+    )
+    OutboxMessage.objects.filter(status="pending").update(due_at=timezone.now())
+    assert relay.run_once() == 1
+    [message] = broker.get_all(expect=1)
+    assert json.loads(message.body)[0] == ["after the deletion"]

@@ -211,3 +211,41 @@ def test_a_batch_is_framed_as_py_amqp_frames_each_message(
     assert writes == (1 if held else 2)
     writer.send()  # nothing more to write
     assert len(ours.written) == writes == ours.bytes_sent
+
+
+@pytest.mark.parametrize(
+    ("exchange", "routing_key", "encoding", "reason"),
+    [
+        ("", "é" * 128, "utf-8", "the routing key is 256 bytes in UTF-8; AMQP allows 255 at most"),
+        (
+            "é" * 128,
+            "q",
+            "utf-8",
+            "the exchange name is 256 bytes in UTF-8; AMQP allows 255 at most",
+        ),
+        ("", "q", "no-such-codec", "content_encoding 'no-such-codec'"),
+    ],
+)
+def test_a_message_publish_cannot_carry_is_refused_with_nothing_framed(
+    exchange: str, routing_key: str, encoding: str, reason: str
+) -> None:
+    ours = _Recording(131072)
+    writer = amqp_frames.PublishWriter(ours, 7)
+    bad = amqp_frames.Message("{}", content_type="application/json", content_encoding=encoding)
+    with pytest.raises(amqp_frames.CannotFrame, match=reason):
+        writer.add(bad, exchange, routing_key, mandatory=True)
+    writer.send()
+    assert ours.written == []
+
+
+def test_a_text_body_with_an_empty_content_encoding_is_sent_as_utf_8() -> None:
+    ours = _Recording(131072)
+    writer = amqp_frames.PublishWriter(ours, 7)
+    writer.add(amqp_frames.Message("☕", content_encoding=""), "", "q", mandatory=True)
+    writer.send()
+    theirs = _Recording(131072)
+    args = amqp.serialization.dumps("Bssbb", (0, "", "q", True, False))
+    method_framing.frame_writer(theirs, theirs)(
+        1, 7, (60, 40), args, amqp.Message("☕", content_encoding="utf-8")
+    )
+    assert ours.written == theirs.written
