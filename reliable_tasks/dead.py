@@ -10,13 +10,13 @@ import base64
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from django.db import transaction
-from django.db.models import QuerySet
+from django.db.models import Field, QuerySet
 from django.utils import timezone
 from kombu import serialization
 from kombu.utils import json as kombu_json
@@ -169,14 +169,10 @@ def capture_raw(message: RawMessage, *, reason: str, error: str, queue: str = ""
     headers = _plain(message.headers or {})
     content_encoding = message.content_encoding
     raw = message.body
-    body: str
-    if isinstance(raw, str):
-        body = raw
-    else:
-        try:
-            body = raw.decode(content_encoding or "utf-8")
-        except (UnicodeDecodeError, LookupError):
-            body, content_encoding = base64.b64encode(raw).decode(), "base64"
+    body = _text(raw, content_encoding)
+    if body is None:
+        data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+        body, content_encoding = base64.b64encode(data).decode(), "base64"
     args: Any = None
     kwargs: Any = None
     if content_encoding != "base64":
@@ -188,21 +184,27 @@ def capture_raw(message: RawMessage, *, reason: str, error: str, queue: str = ""
         except Exception:  # noqa: BLE001 - an undecodable body is what this function is for
             pass
     now = timezone.now()
+    # Any of these may come from whatever a producer sent: each is made to fit its column, or
+    # the database would refuse the dead task and the message would come back forever. The
+    # headers and properties keep them whole.
+    columns = {
+        "task_id": headers.get("id") or message.properties.get("correlation_id"),
+        "task_name": headers.get("task"),
+        "queue": queue if not message.exchange else "",
+        "exchange": message.exchange,
+        "routing_key": message.routing_key,
+        "content_type": message.content_type,
+        "content_encoding": content_encoding,
+    }
     dead = DeadTask.objects.using(conf.DATABASE).create(
-        task_id=str(headers.get("id") or message.properties.get("correlation_id") or ""),
-        task_name=str(headers.get("task") or ""),
+        **{name: _fit(name, value) for name, value in columns.items()},
         args=_plain(args) if isinstance(args, list | tuple) else None,
         kwargs=_plain(kwargs) if isinstance(kwargs, dict) else None,
-        queue=queue if not message.exchange else "",
-        exchange=message.exchange,
-        routing_key=message.routing_key,
         headers=headers,
         properties=_plain(message.properties or {}),
         body=body,
-        content_type=message.content_type or "",
-        content_encoding=content_encoding or "",
         reason=reason,
-        exc_message=truncate(error, MAX_MESSAGE),
+        exc_message=without_nul(truncate(error, MAX_MESSAGE)),
         first_failed_at=now,
         last_failed_at=now,
     )
@@ -254,6 +256,10 @@ def _outbox_row(
     if not dead.headers.get("task"):
         raise CannotRequeue(f"dead task {dead.pk} has no task name in its headers; discard it.")
     headers = {k: v for k, v in dead.headers.items() if k not in ATTEMPT_HEADERS + STALE_ON_REQUEUE}
+    if _passed(headers.get("expires")):
+        # The relay would publish it already expired, and nothing would run: the operator who
+        # requeues it asks for it to run now.
+        headers["expires"] = None
     if isinstance(headers.get("headers"), dict):
         headers["headers"] = {
             k: v for k, v in headers["headers"].items() if k not in STALE_ON_REQUEUE
@@ -319,12 +325,14 @@ def requeue_many(
     renew_key: bool = False,
     user: str = "",
     batch_size: int = 500,
+    on_skip: Callable[[DeadTask, CannotRequeue], None] | None = None,
 ) -> int:
     """Requeue every dead task of a query (status "dead" only), in batches; return how many.
 
     Each batch is one transaction: its dead tasks are locked (a second operator's bulk action
     skips them), their outbox rows inserted in one statement, their status set. Dead tasks
-    that cannot be requeued (an undecodable body, no task name) are skipped with a warning.
+    that cannot be requeued (an undecodable body, no task name) are skipped with a warning,
+    and passed to ``on_skip`` with the reason; those another operator holds are not.
     """
     ids = list(dead_tasks.filter(status=DeadStatus.DEAD).values_list("pk", flat=True))
     done = 0
@@ -341,6 +349,8 @@ def requeue_many(
                     pairs.append((dead, _outbox_row(dead, renew_key=renew_key)))
                 except CannotRequeue as exc:
                     logger.warning("%s", exc)
+                    if on_skip is not None:
+                        on_skip(dead, exc)
             if not pairs:
                 continue
             _start_afresh([dead.task_id for dead, _ in pairs])
@@ -426,8 +436,43 @@ def truncate(text: str, limit: int) -> str:
 
 
 def _plain(value: Any) -> Any:
-    """A JSON-storable copy: kombu's JSON keeps datetimes and decimals readable."""
-    return without_nul(json.loads(kombu_json.dumps(value)))
+    """A JSON-storable copy: kombu's JSON keeps datetimes and decimals readable; NaN and the
+    infinities, which JSON columns refuse, become the strings "NaN", "Infinity", "-Infinity".
+    """
+    return without_nul(json.loads(kombu_json.dumps(value), parse_constant=str))
+
+
+def _text(raw: bytes | str, encoding: str) -> str | None:
+    """The body as text that a text column takes, or None: PostgreSQL refuses a NUL character
+    (a small protobuf is valid UTF-8 and may hold one), and no database takes a lone surrogate.
+    """
+    try:
+        text = raw if isinstance(raw, str) else raw.decode(encoding or "utf-8")
+        text.encode("utf-8")
+    except (ValueError, LookupError):  # UnicodeError is a ValueError; LookupError: no such codec
+        return None
+    return None if "\x00" in text else text
+
+
+def _fit(name: str, value: Any) -> str:
+    """``value`` as text that the dead task's column ``name`` takes: no NUL, cut to its size."""
+    text: str = without_nul(str(value or ""))
+    column = DeadTask._meta.get_field(name)
+    limit = column.max_length if isinstance(column, Field) else None
+    return text if limit is None else text[:limit]
+
+
+def _passed(expires: Any) -> bool:
+    """Whether a message's 'expires' header (ISO 8601, as Celery writes it) is past."""
+    if not isinstance(expires, str) or not expires:
+        return False
+    try:
+        when = datetime.fromisoformat(expires)
+    except ValueError:
+        return False
+    if timezone.is_naive(when):
+        when = when.replace(tzinfo=UTC)  # Celery writes an offset; none is taken as UTC
+    return when <= timezone.now()
 
 
 __all__ = [

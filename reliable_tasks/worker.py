@@ -131,7 +131,7 @@ class DeadLetterStep(bootsteps.StartStopStep):
 
 def _keep(message: Any, reason: str, error: str) -> bool:
     """Store ``message`` as a dead task; False (and the message requeued) if that failed."""
-    from django.db import DatabaseError
+    from django.db import Error, close_old_connections
 
     from . import dead
 
@@ -147,13 +147,19 @@ def _keep(message: Any, reason: str, error: str) -> bool:
         exchange=str(info.get("exchange") or ""),
         routing_key=str(info.get("routing_key") or ""),
     )
+    # This runs in the consumer's own process, whose connection Celery's Django fixup never
+    # checks or closes (it does so around tasks, in the pool). As around a web request: one the
+    # database dropped, or past CONN_MAX_AGE, is closed here, and the capture connects afresh.
+    close_old_connections()
     try:
         dead.capture_raw(raw, reason=reason, error=error, queue=str(info.get("routing_key") or ""))
-    except DatabaseError:
+    except Error:  # DatabaseError, or InterfaceError for a connection already closed
         logger.exception(
             "could not store a %s message as a dead task; it goes back to the queue", reason
         )
         time.sleep(DATABASE_DOWN_PAUSE)
         message.reject(requeue=True)
         return False
+    finally:
+        close_old_connections()
     return True

@@ -233,3 +233,33 @@ def test_messages_celery_would_discard_become_dead_tasks_and_the_queue_flows(
     assert (truncated.reason, truncated.task_name) == ("undecodable", record.name)
     assert truncated.body == '[["trunc'
     wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")
+
+
+@pytest.mark.postgres  # pg_terminate_backend
+def test_a_message_for_an_unknown_task_becomes_dead_after_postgresql_dropped_the_workers_connections(
+    broker: Broker, processes: ProcessFactory
+) -> None:
+    """As after a PostgreSQL restart: the worker's consumer, which stores such messages, must
+    connect afresh, not fail with "connection already closed" until the worker restarts."""
+    from django.db import connection
+
+    processes.worker()
+    unknown = {"task": "tests.testapp.tasks.no_such_task", "lang": "py"}
+    publish_raw(broker, json.dumps([[], {}, {}]), {**unknown, "id": "before-the-restart"})
+    wait_for(
+        lambda: DeadTask.objects.filter(task_id="before-the-restart").exists(),
+        timeout=60,
+        what="the first unknown task to be kept",
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    publish_raw(broker, json.dumps([[], {}, {}]), {**unknown, "id": "after-the-restart"})
+    wait_for(
+        lambda: DeadTask.objects.filter(task_id="after-the-restart").exists(),
+        timeout=30,
+        what="the unknown task sent after the restart to be kept",
+    )
+    wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")

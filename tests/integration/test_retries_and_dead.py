@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.test import override_settings
 from django.utils import timezone
 
-from reliable_tasks import dead, ledger, testing
+from reliable_tasks import dead, ledger, testing, worker
 from reliable_tasks.models import DeadTask, IdempotencyKey, OutboxMessage, TaskAttempt
+from reliable_tasks.relay import Relay
+from tests.support import QUEUE, Broker, make_dead_task, wait_for
 from tests.testapp.models import Effect
 from tests.testapp.tasks import (
     GatewayTimeout,
@@ -506,3 +510,121 @@ def test_a_crash_is_counted_once_and_a_later_redelivery_without_a_new_crash_is_u
     assert sorted(set(outcomes) - {"failed"}) == ["lost", "redelivered"]
     assert list(outcomes).count("lost") == 1
     assert not DeadTask.objects.exists()
+
+
+def test_a_requeued_dead_task_whose_expires_passed_is_sent_without_it_and_one_still_ahead_keeps_it(
+    broker: Broker, relay: Relay
+) -> None:
+    """Sent with an 'expires' already past, the broker would drop the requeued message (or the
+    worker discard it): the operator's replay would run nowhere and leave no trace."""
+    past, ahead = timezone.now() - dt.timedelta(hours=1), timezone.now() + dt.timedelta(hours=1)
+    expired, pending = make_dead_task(record, "expired"), make_dead_task(record, "ahead")
+    for task, expires in ((expired, past), (pending, ahead)):
+        task.headers["expires"] = expires.isoformat()
+        task.save()
+    assert dead.requeue(expired).headers["expires"] is None
+    assert dead.requeue(pending).headers["expires"] == ahead.isoformat()
+    OutboxMessage.objects.exclude(task_id__in=[expired.task_id, pending.task_id]).delete()
+    assert relay.drain() == 2
+    received = {m.headers["id"]: m for m in broker.get_all(expect=2)}
+    assert set(received) == {expired.task_id, pending.task_id}
+    assert received[expired.task_id].headers["expires"] is None
+    assert "expiration" not in received[expired.task_id].properties
+    assert 3500_000 < int(received[pending.task_id].properties["expiration"]) <= 3600_000
+
+
+def receive(
+    broker: Broker, body: bytes, headers: dict[str, object], content_type: str | None = None
+) -> Any:
+    """A message published as it is (no content encoding), as a worker receives it."""
+    channel = broker.channel
+    channel.basic_publish(
+        channel.prepare_message(body, content_type=content_type, headers=headers),
+        exchange="",
+        routing_key=QUEUE,
+    )
+    return take(broker)
+
+
+def take(broker: Broker) -> Any:
+    """The next message of the queue, unacknowledged, as kombu gives it to a worker."""
+    raw = wait_for(
+        lambda: broker.channel.basic_get(QUEUE, no_ack=False), timeout=10, what="a message"
+    )
+    return broker.channel.message_to_python(raw)
+
+
+def test_raw_messages_the_database_would_refuse_as_they_are_still_become_dead_tasks(
+    broker: Broker,
+) -> None:
+    """Refused, the message would go back to the queue and come back forever, stalling the
+    consumer a second each time: a NUL in a body that is valid UTF-8 (a small protobuf), ids,
+    names and a content type longer than their columns."""
+    protobuf = b"\x08\x00\x10\x01"
+    long_id, long_name = "i" * 300, "tests.no_such_task." + "n" * 300
+    long_type = "application/" + "x" * 200
+    messages = [
+        receive(broker, protobuf, {"id": "protobuf", "task": "tests.no_such_task"}),
+        receive(
+            broker, b"[[], {}, {}]", {"id": long_id, "task": long_name}, content_type=long_type
+        ),
+    ]
+    for message in messages:
+        assert worker._keep(message, "unregistered", "no such task") is True
+        message.ack()
+    kept = DeadTask.objects.get(task_id="protobuf")
+    assert kept.content_encoding == "base64"
+    assert base64.b64decode(kept.body) == protobuf
+    long_one = DeadTask.objects.get(headers__id=long_id)
+    assert (long_one.task_id, long_one.task_name) == (long_id[:255], long_name[:255])
+    assert long_one.content_type == long_type[:100]
+    assert long_one.properties["content_type"] == long_type  # whole, for the record
+    assert broker.depth() == 0
+
+
+def test_a_raw_message_with_nan_or_infinity_in_its_headers_becomes_a_dead_task() -> None:
+    """JSON columns refuse NaN and the infinities. RabbitMQ cannot deliver them, but kombu's
+    other transports (Redis, in memory) carry headers as JSON, which allows them."""
+    headers = {"id": "not-finite", "task": "tests.no_such_task"}
+    message = dead.RawMessage(
+        headers={**headers, "nan": float("nan"), "limits": [float("inf"), float("-inf")]},
+        properties={"priority": float("nan")},
+        body=b"[[], {}, {}]",
+        content_type="application/json",
+        content_encoding="utf-8",
+    )
+    kept = dead.capture_raw(message, reason="unregistered", error="no such task")
+    kept.refresh_from_db()
+    assert (kept.headers["nan"], kept.headers["limits"]) == ("NaN", ["Infinity", "-Infinity"])
+    assert kept.properties == {"priority": "NaN"}
+
+
+@pytest.mark.postgres
+def test_a_capture_after_the_database_dropped_a_persistent_connection_connects_afresh(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The consumer keeps its connection (CONN_MAX_AGE=None here) and PostgreSQL drops it (a
+    restart, pg_terminate_backend): one capture may fail and put its message back, the next
+    connects afresh, instead of failing with "connection already closed" until a restart."""
+    from django.db import connection, connections
+
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", None)
+    connection.close()
+    first = receive(broker, b"[[], {}, {}]", {"id": "before", "task": "tests.no_such_task"})
+    assert worker._keep(first, "unregistered", "no such task")
+    first.ack()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        [pid] = cursor.fetchone()
+    other = connections.create_connection("default")
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    finally:
+        other.close()
+    message = receive(broker, b"[[], {}, {}]", {"id": "after", "task": "tests.no_such_task"})
+    if not worker._keep(message, "unregistered", "no such task"):
+        message = take(broker)  # put back: the next delivery
+        assert worker._keep(message, "unregistered", "no such task")
+    message.ack()
+    assert DeadTask.objects.filter(task_id="after").exists()

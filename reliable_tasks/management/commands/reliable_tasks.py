@@ -109,6 +109,8 @@ class Command(BaseCommand):
             logging.basicConfig(
                 level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
             )
+        if options["once"]:
+            _positive("--timeout", options["timeout"])
         relay = Relay(name=options["name"])
         if options["once"]:
             with relay:
@@ -130,8 +132,8 @@ class Command(BaseCommand):
         from reliable_tasks import health
 
         interval = options["watch"]
-        if interval is not None and interval <= 0:
-            raise CommandError(f"--watch takes a number of seconds > 0, got {interval}")
+        if interval is not None:
+            _positive("--watch", interval)
         while True:
             result = health.check()
             if result.snapshot is None:
@@ -156,9 +158,14 @@ class Command(BaseCommand):
     # -- prune -------------------------------------------------------------------------------
 
     def _prune(self, options: dict[str, Any]) -> None:
-        limit = options["batch_size"] or conf.PRUNE_BATCH_SIZE
-        if limit < 1:
-            raise CommandError(f"--batch-size must be at least 1, got {limit}")
+        limit = options["batch_size"]
+        if limit is None:
+            limit = conf.PRUNE_BATCH_SIZE
+        elif limit < 1:
+            raise CommandError(
+                f"--batch-size takes a number of rows of at least 1, got {limit}; leave it out "
+                f"to use RELIABLE_TASKS_PRUNE_BATCH_SIZE ({conf.PRUNE_BATCH_SIZE})"
+            )
         progress = _Progress(
             self.stdout, enabled=self.stdout.isatty() and options["verbosity"] >= 1
         )
@@ -201,16 +208,29 @@ class Command(BaseCommand):
         if options["dry_run"]:
             self.stdout.write(f"would requeue {count} dead tasks (dry run: nothing changed)")
             return
+        unsendable: list[DeadTask] = []
         done = dead.requeue_many(
-            tasks, renew_key=options["renew_key"], user="manage.py reliable_tasks requeue"
+            tasks,
+            renew_key=options["renew_key"],
+            user="manage.py reliable_tasks requeue",
+            on_skip=lambda task, exc: unsendable.append(task),
         )
-        skipped = count - done
-        note = (
-            f"; {skipped} cannot be sent again as they are (see the log): discard them"
-            if skipped > 0
-            else ""
+        # The rest were requeued or discarded by someone else between the count and the
+        # requeue, or locked by another requeue or discard still at work: theirs to act on.
+        busy = count - done - len(unsendable)
+        notes = []
+        if unsendable:
+            notes.append(
+                f"{len(unsendable)} cannot be sent again as they are (see the log): discard them"
+            )
+        if busy > 0:
+            notes.append(
+                f"{busy} were left alone: someone else was requeueing or discarding them at the "
+                "same time (run this again to requeue those still dead)"
+            )
+        self.stdout.write(
+            f"requeued {done} dead tasks through the outbox{''.join('; ' + n for n in notes)}"
         )
-        self.stdout.write(f"requeued {done} dead tasks through the outbox{note}")
 
     # -- dead letters ------------------------------------------------------------------------
 
@@ -218,6 +238,7 @@ class Command(BaseCommand):
         from reliable_tasks import topology
         from reliable_tasks.relay import get_celery_app
 
+        _positive("--interval", options["interval"])
         with get_celery_app().connection_for_write() as connection:
             if options["follow"]:
                 try:
@@ -233,13 +254,20 @@ class Command(BaseCommand):
 
 
 def _parse_since(value: str) -> datetime:
-    parsed = parse_datetime(value)
+    example = "an ISO 8601 time such as 2026-11-28T09:00:00+00:00"
+    try:
+        parsed = parse_datetime(value)
+    except ValueError as exc:  # well formed, but no such time: 2026-02-30, 25:00
+        raise CommandError(f"--since {value!r} is no valid time ({exc}); give {example}") from None
     if parsed is None:
-        raise CommandError(
-            f"--since takes an ISO 8601 time such as 2026-11-28T09:00:00+00:00, got {value!r}"
-        )
+        raise CommandError(f"--since takes {example}, got {value!r}")
     # A time without an offset is in the project's time zone, as Django reads it elsewhere.
     return parsed if timezone.is_aware(parsed) else timezone.make_aware(parsed)
+
+
+def _positive(option: str, seconds: float) -> None:
+    if seconds <= 0:
+        raise CommandError(f"{option} takes a number of seconds > 0, got {seconds}")
 
 
 def _describe(result: Any) -> str:
@@ -250,7 +278,7 @@ def _describe(result: Any) -> str:
         *(f"  ! {reason}" for reason in result.reasons),
         "",
         f"outbox      pending {s.outbox_pending}   due {s.outbox_due}   oldest due waited {age}",
-        f"            dispatched in the last minute {s.dispatched_last_minute}   retries scheduled {s.retries_scheduled}",
+        f"            refused by the broker {s.outbox_failing}   dispatched in the last minute {s.dispatched_last_minute}   retries scheduled {s.retries_scheduled}",
         "relays      " + ("none has run" if not s.relays else ""),
         *(
             f"  {r.name:<32} {'stopped' if r.stopped else 'running'}   last seen {r.seconds_since_seen:.1f} s ago"
