@@ -28,6 +28,7 @@ from typing import Any
 from django.core.cache import caches
 from django.db import connections
 from django.db.models import QuerySet
+from django.db.models.functions import Now
 from django.utils import timezone
 from django_redis.client import ShardClient
 from kombu.utils import json as kombu_json
@@ -104,20 +105,31 @@ def claim(
     lease_until = None if atomic else now + timedelta(seconds=lease_seconds)
     state = LedgerState.DONE if atomic else LedgerState.RUNNING
     stamp = connection.ops.adapt_datetimefield_value
+    # Leases are timed by the database's clock where it has one to give (PostgreSQL): workers
+    # on several machines agree on it, whatever their own clocks say. A worker whose clock ran
+    # ahead would otherwise take over a live lease, and one whose clock lags would renew a
+    # lease into the past.
+    db_clock = _db_clock(connection)
+    lease: Any = stamp(lease_until)
+    insert, upsert = "insert", "claim"
+    if db_clock:
+        insert, upsert = (
+            ("insert", "claim_db") if atomic else ("insert_leased_db", "claim_leased_db")
+        )
+        lease = None if atomic else lease_seconds
     params = [
-        task_name, key, state, fingerprint, token, stamp(lease_until), task_id, worker,
+        task_name, key, state, fingerprint, token, lease, task_id, worker,
         stamp(now), stamp(now), stamp(now) if atomic else None,
     ]  # fmt: skip
     with _cursor(connection, cursor) as cursor:
         # A new key, the usual case: a plain insert, which a new database session plans in
         # half the time of the upsert. A key that exists (or that a concurrent transaction
         # holds, whose end the insert waits for) is left alone, and the upsert below decides.
-        _execute_first(connection, cursor, _statement(connection, "insert"), params)
+        _execute_first(connection, cursor, _statement(connection, insert), params)
         row = cursor.fetchone()
         if row is None:
-            cursor.execute(
-                _statement(connection, "claim"), [*params, LedgerState.RUNNING, stamp(now)]
-            )
+            upsert_params = [*params, LedgerState.RUNNING] + ([] if db_clock else [stamp(now)])
+            cursor.execute(_statement(connection, upsert), upsert_params)
             row = cursor.fetchone()
     if row is not None and row[0] == token:
         return Claim(task_name, key, token, True, state, fingerprint, None, lease_until, row[1])
@@ -259,21 +271,31 @@ def _statement(connection: Any, name: str) -> str:
     return _STATEMENTS[cache_key]
 
 
-def _insert_values(q: Any, table: str) -> str:
+#: PostgreSQL's clock, for leases: the time of the statement, and a lease of %s seconds from it.
+_DB_NOW = "statement_timestamp()"
+_DB_LEASE = f"({_DB_NOW} + make_interval(secs => %s))"
+
+
+def _db_clock(connection: Any) -> bool:
+    """Whether leases on ``connection`` are timed by the database's clock (PostgreSQL's)."""
+    return bool(connection.vendor == "postgresql")
+
+
+def _insert_values(q: Any, table: str, lease: str = "%s") -> str:
     return f"""
         INSERT INTO {table} ({q("task_name")}, {q("key")}, {q("state")}, {q("fingerprint")}, {q("token")},
                              {q("lease_expires_at")}, {q("attempts")}, {q("task_id")}, {q("worker")},
                              {q("created_at")}, {q("updated_at")}, {q("completed_at")})
-        VALUES (%s, %s, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s)
+        VALUES (%s, %s, %s, %s, %s, {lease}, 1, %s, %s, %s, %s, %s)
         ON CONFLICT ({q("task_name")}, {q("key")})"""
 
 
-def _insert_sql(q: Any, table: str) -> str:
-    return f"{_insert_values(q, table)} DO NOTHING RETURNING {q('token')}, {q('id')}"
+def _insert_sql(q: Any, table: str, lease: str = "%s") -> str:
+    return f"{_insert_values(q, table, lease)} DO NOTHING RETURNING {q('token')}, {q('id')}"
 
 
-def _claim_sql(q: Any, table: str) -> str:
-    return f"""{_insert_values(q, table)} DO UPDATE SET
+def _claim_sql(q: Any, table: str, lease: str = "%s", now: str = "%s") -> str:
+    return f"""{_insert_values(q, table, lease)} DO UPDATE SET
             {q("state")} = EXCLUDED.{q("state")},
             {q("completed_at")} = EXCLUDED.{q("completed_at")},
             {q("token")} = EXCLUDED.{q("token")},
@@ -283,7 +305,7 @@ def _claim_sql(q: Any, table: str) -> str:
             {q("worker")} = EXCLUDED.{q("worker")},
             {q("updated_at")} = EXCLUDED.{q("updated_at")}
         WHERE {table}.{q("state")} = %s
-          AND {table}.{q("lease_expires_at")} <= %s
+          AND {table}.{q("lease_expires_at")} <= {now}
           AND {table}.{q("fingerprint")} = EXCLUDED.{q("fingerprint")}
         RETURNING {q("token")}, {q("id")}
     """
@@ -309,9 +331,12 @@ def _store_result_sql(q: Any, table: str) -> str:
     )
 
 
-_BUILDERS = {
+_BUILDERS: dict[str, Callable[[Any, str], str]] = {
     "insert": _insert_sql,
+    "insert_leased_db": lambda q, table: _insert_sql(q, table, _DB_LEASE),
     "claim": _claim_sql,
+    "claim_db": lambda q, table: _claim_sql(q, table, now=_DB_NOW),
+    "claim_leased_db": lambda q, table: _claim_sql(q, table, _DB_LEASE, _DB_NOW),
     "complete": _complete_sql,
     "store_result": _store_result_sql,
 }
@@ -322,12 +347,15 @@ _RESULT_FIELD = KeyResult._meta.get_field("result")
 def renew(claim: Claim, lease_seconds: float) -> bool:
     """Extend a lease-mode claim by ``lease_seconds`` from now; False if it was lost."""
     now = timezone.now()
+    until: Any = now + timedelta(seconds=lease_seconds)
+    if _db_clock(connections[conf.DATABASE]):
+        until = Now() + timedelta(seconds=lease_seconds)  # see claim()
     updated = (
         IdempotencyKey.objects.using(conf.DATABASE)
         .filter(
             task_name=claim.task_name, key=claim.key, token=claim.token, state=LedgerState.RUNNING
         )
-        .update(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+        .update(lease_expires_at=until, updated_at=now)
     )
     return updated == 1
 
@@ -337,7 +365,9 @@ def release(claim: Claim) -> None:
     now = timezone.now()
     IdempotencyKey.objects.using(conf.DATABASE).filter(
         task_name=claim.task_name, key=claim.key, token=claim.token, state=LedgerState.RUNNING
-    ).update(lease_expires_at=now, updated_at=now)
+    ).update(
+        lease_expires_at=Now() if _db_clock(connections[conf.DATABASE]) else now, updated_at=now
+    )
 
 
 def prune(*, limit: int, now: datetime | None = None) -> int:

@@ -741,6 +741,36 @@ def test_an_expired_lease_is_taken_over() -> None:
     assert not ledger.renew(crashed, 10)
 
 
+@pytest.mark.postgres
+def test_a_worker_whose_clock_runs_ahead_does_not_take_over_a_live_lease(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Workers on several machines: leases are timed by PostgreSQL's clock, not theirs."""
+    held = ledger.claim("t", "skewed", "f", task_id="a", worker="w1", lease_seconds=60)
+    assert held.owned
+    ahead = timezone.now() + dt.timedelta(minutes=5)
+    monkeypatch.setattr(timezone, "now", lambda: ahead)
+    second = ledger.claim("t", "skewed", "f", task_id="b", worker="w2", lease_seconds=60)
+    assert not second.owned
+    assert IdempotencyKey.objects.get(key="skewed").task_id == "a"
+
+
+@pytest.mark.postgres
+def test_a_worker_whose_clock_lags_renews_its_lease_from_the_databases_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    held = ledger.claim("t", "lagging", "f", task_id="a", worker="w1", lease_seconds=60)
+    real_now = timezone.now
+    behind = real_now() - dt.timedelta(minutes=5)
+    with monkeypatch.context() as lagging:
+        lagging.setattr(timezone, "now", lambda: behind)
+        assert ledger.renew(held, 60)
+    key = IdempotencyKey.objects.get(key="lagging")
+    assert key.lease_expires_at > real_now() + dt.timedelta(seconds=50)
+    second = ledger.claim("t", "lagging", "f", task_id="b", worker="w2", lease_seconds=60)
+    assert not second.owned
+
+
 def test_an_invalid_key_callable_fails_at_enqueue_with_the_reason() -> None:
     with pytest.raises(
         InvalidIdempotencyKey,
