@@ -791,10 +791,15 @@ def _run_leased(
         raise
     request.reliable_in_body = False
     stored = ledger.encode_result(task.name, result)
-    with transaction.atomic(using=conf.DATABASE):
-        completed = ledger.complete(claim, stored)
-        if completed:
-            _send_follow_ups(task, request, result)
+    follow_ups = request.callbacks, request.chain
+    try:
+        with transaction.atomic(using=conf.DATABASE):
+            completed = ledger.complete(claim, stored)
+            if completed:
+                _send_follow_ups(task, request, result)
+    except BaseException:
+        request.callbacks, request.chain = follow_ups  # as in _claim_and_run
+        raise
     if completed:
         ledger.done_cache.remember(writes, task.name, claim.key, fingerprint, stored)
     else:

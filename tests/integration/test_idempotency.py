@@ -649,6 +649,27 @@ def test_a_commit_that_fails_after_the_follow_ups_were_sent_leaves_them_to_the_r
 
 
 @pytest.mark.postgres
+def test_in_lease_mode_a_commit_that_fails_after_the_follow_ups_leaves_them_to_the_retry() -> None:
+    record.delay("queued")  # the callback's task has a pending row: a second one fails the commit
+    outbox = OutboxMessage._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"ALTER TABLE {outbox} ADD CONSTRAINT one_row_per_task UNIQUE (task_name) "
+            "DEFERRABLE INITIALLY DEFERRED"
+        )
+    try:
+        outcome = leased.apply(("F1", 0), link=record.si("callback"), task_id="F1-1")
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"ALTER TABLE {outbox} DROP CONSTRAINT one_row_per_task")
+    assert outcome.state == "RETRY"
+    assert TaskAttempt.objects.get().exc_type == "django.db.utils.IntegrityError"
+    retry = OutboxMessage.objects.get(task_name=leased.name)
+    assert '"callbacks": [' in retry.body
+    assert "callback" in retry.body
+
+
+@pytest.mark.postgres
 def test_a_connection_lost_under_the_claim_puts_the_message_back_instead_of_failing_an_attempt() -> (
     None
 ):
