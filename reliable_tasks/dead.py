@@ -265,6 +265,9 @@ def _outbox_row(
             k: v for k, v in headers["headers"].items() if k not in STALE_ON_REQUEUE
         }
     properties = dict(dead.properties)
+    # A message captured as it was delivered carries the TTL of its first publish; the relay
+    # sets a new one from the 'expires' header.
+    properties.pop("expiration", None)
     headers["retries"] = 0
     headers[ENQUEUED_AT_HEADER] = timezone.now().isoformat()
     body, content_type, content_encoding = dead.body, dead.content_type, dead.content_encoding

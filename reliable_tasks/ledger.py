@@ -133,13 +133,15 @@ def claim(
             row = cursor.fetchone()
     if row is not None and row[0] == token:
         return Claim(task_name, key, token, True, state, fingerprint, None, lease_until, row[1])
-    existing = (
-        IdempotencyKey.objects.using(conf.DATABASE)
-        .filter(task_name=task_name, key=key)
-        .values_list("state", "fingerprint", "stored__result", "lease_expires_at")
-        .get()
-    )
-    held_state, stored_fingerprint, result, lease_expires_at = existing
+    keys = IdempotencyKey.objects.using(conf.DATABASE).filter(task_name=task_name, key=key)
+    fields = ["state", "fingerprint", "stored__result", "lease_expires_at"]
+    if db_clock:
+        keys, fields = keys.annotate(db_now=Now()), [*fields, "db_now"]
+    existing = keys.values_list(*fields).get()
+    held_state, stored_fingerprint, result, lease_expires_at = existing[:4]
+    if db_clock and lease_expires_at is not None:
+        # The lease keeps the database's time; a deferral counts in this worker's.
+        lease_expires_at = now + (lease_expires_at - existing[4])
     return Claim(
         task_name,
         key,

@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from reliable_tasks import IdempotencyKeyReused, InvalidIdempotencyKey, ledger, pruning
 from reliable_tasks.models import IdempotencyKey, KeyResult, OutboxMessage, TaskAttempt
+from reliable_tasks.signals import task_deferred
 from tests.testapp.models import Effect, GatewayCharge, Observed
 from tests.testapp.tasks import (
     charge,
@@ -774,6 +775,28 @@ def test_a_worker_whose_clock_runs_ahead_does_not_take_over_a_live_lease(
     second = ledger.claim("t", "skewed", "f", task_id="b", worker="w2", lease_seconds=60)
     assert not second.owned
     assert IdempotencyKey.objects.get(key="skewed").task_id == "a"
+
+
+@pytest.mark.postgres
+def test_a_duplicate_deferred_by_a_worker_whose_clock_runs_ahead_waits_for_the_lease(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fp = leased.fingerprint(("SK", 0), {})
+    ledger.claim(leased.name, "lease:SK", fp, task_id="holder", worker="w1", lease_seconds=60)
+    delays: list[float] = []
+
+    def deferred(sender: Any, delay: float, **kwargs: Any) -> None:
+        delays.append(delay)
+
+    ahead = timezone.now() + dt.timedelta(minutes=5)
+    monkeypatch.setattr(timezone, "now", lambda: ahead)
+    task_deferred.connect(deferred)
+    try:
+        leased.apply(("SK", 0), task_id="duplicate")
+    finally:
+        task_deferred.disconnect(deferred)
+    [delay] = delays
+    assert 55 < delay < 62  # the lease's minute, not a second and again
 
 
 @pytest.mark.postgres
