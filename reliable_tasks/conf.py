@@ -117,7 +117,7 @@ SETTINGS: dict[str, Setting] = {
         60.0,
         (int, float),
         "health/ fails when the oldest due outbox row has waited longer than this, in seconds, "
-        "or a pending row the broker refused was enqueued longer ago than this.",
+        "or a pending row has been refused by the broker for longer than this.",
     ),
     "PRUNE_BATCH_SIZE": Setting(1000, (int,), "Rows deleted per statement when pruning."),
     "CELERY_APP": Setting(

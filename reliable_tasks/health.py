@@ -59,7 +59,7 @@ def check() -> Health:
             else f"{snap.outbox_failing} outbox rows fail"
         )
         reasons.append(
-            f"{rows} to publish; the oldest was enqueued {failing:.0f} s ago (more than "
+            f"{rows} to publish; the broker has refused one for {failing:.0f} s (more than "
             f"{limit:g} s) and the relay keeps setting it aside for a later try: see the last "
             "error of pending rows in the outbox admin, or the relay's 'not published' log lines"
         )

@@ -67,7 +67,7 @@ class Snapshot:
     oldest_due_age_seconds: float | None
     #: Pending rows whose last publish the broker refused (or that could not be built).
     outbox_failing: int
-    #: How long ago the oldest of them was enqueued.
+    #: How long ago the broker first refused the one refused longest.
     oldest_failing_age_seconds: float | None
     dispatched_last_minute: int
     retries_scheduled: int
@@ -101,8 +101,11 @@ def snapshot(*, now: datetime | None = None) -> Snapshot:
     due = pending.filter(due_at__lte=now)
     oldest = due.aggregate(oldest=Min("due_at"))["oldest"]
     # The relay sets a refused row aside with a backoff (its due_at moves ahead each time), so
-    # the due age stays low while the broker refuses everything; the rows' own age does not.
-    failing = pending.exclude(last_error="").aggregate(n=Count("pk"), oldest=Min("created_at"))
+    # the due age stays low while the broker refuses everything; how long it has been refused
+    # does not. (A small partial index holds only the refused pending rows.)
+    failing = pending.filter(failing_since__isnull=False).aggregate(
+        n=Count("pk"), oldest=Min("failing_since")
+    )
     dead = DeadTask.objects.using(conf.DATABASE).filter(status=DeadStatus.DEAD)
     keys, estimated = _ledger_size()
     return Snapshot(

@@ -47,6 +47,9 @@ class OutboxMessage(models.Model):
     dispatched_at = models.DateTimeField(null=True, blank=True)
     publish_attempts = models.PositiveIntegerField(default=0)
     last_error = models.TextField(blank=True)
+    failing_since = models.DateTimeField(
+        null=True, blank=True, help_text="When the broker first refused it (unset until then)."
+    )
     retries = models.PositiveIntegerField(
         default=0, help_text="0 for a first attempt; n for the n-th retry."
     )
@@ -65,6 +68,12 @@ class OutboxMessage(models.Model):
                 fields=["dispatched_at"],
                 name="rt_outbox_dispatched",
                 condition=models.Q(status="dispatched"),
+            ),
+            # Health's question, how long rows have been refused: only refused rows are in it.
+            models.Index(
+                fields=["failing_since"],
+                name="rt_outbox_failing",
+                condition=models.Q(status="pending", failing_since__isnull=False),
             ),
         ]
 

@@ -24,13 +24,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import amqp
 from celery import Celery
 from celery.utils.time import maybe_make_aware
 from django.db import DatabaseError, connections, transaction
-from django.db.models import F, Min
+from django.db.models import F, Min, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 from kombu import Connection, Producer, Queue
 
@@ -120,7 +121,19 @@ class BatchOutcome:
 
 
 class ConfirmTimeout(Exception):
-    """The broker did not confirm a batch in ``RELIABLE_TASKS_RELAY_CONFIRM_TIMEOUT``."""
+    """The broker did not confirm a batch in ``RELIABLE_TASKS_RELAY_CONFIRM_TIMEOUT``.
+
+    ``outcome`` is what the broker settled in time: the rows it confirmed (RabbitMQ has them:
+    they must not be published again), and those it nacked or returned, or that could not be
+    built. ``unconfirmed`` are the rows still waiting for their confirm.
+    """
+
+    def __init__(
+        self, message: str, outcome: BatchOutcome | None = None, unconfirmed: Sequence[int] = ()
+    ) -> None:
+        super().__init__(message)
+        self.outcome = outcome if outcome is not None else BatchOutcome()
+        self.unconfirmed = list(unconfirmed)
 
 
 def get_celery_app() -> Celery:
@@ -220,11 +233,29 @@ class Publisher:
         while self._pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ConfirmTimeout(f"{len(self._pending)} messages unconfirmed after {timeout} s")
+                self._timed_out(rows, outcome, timeout)
             try:
                 self.connection.drain_events(timeout=remaining)
             except TimeoutError:
                 continue
+        return self._settled(rows, outcome)
+
+    def _timed_out(self, rows: Sequence[Row], outcome: BatchOutcome, timeout: float) -> NoReturn:
+        """Raise ConfirmTimeout with what the broker settled in time."""
+        # Their confirms may still come, on a connection the relay is about to drop: forget them,
+        # so that nothing waits for them again.
+        pending, self._pending = list(self._pending.values()), {}
+        settled = self._settled(rows, outcome)
+        unconfirmed = [row_id for row_id in pending if row_id not in settled.failed]
+        raise ConfirmTimeout(
+            f"{len(unconfirmed)} of {len(rows)} messages not confirmed within {timeout:g} s",
+            settled,
+            unconfirmed,
+        )
+
+    def _settled(self, rows: Sequence[Row], outcome: BatchOutcome) -> BatchOutcome:
+        """The outcome with the returned messages' rows failed, not confirmed (RabbitMQ sends a
+        return before the message's confirm)."""
         if self._returned:
             # Rare: find the returned messages' rows only when there are some.
             for row in rows:
@@ -482,6 +513,8 @@ class Relay:
         self._next_heartbeat = 0.0
         self._next_prune = 0.0
         self._isolate = 0
+        #: After a confirm timeout: the batch size until batches are confirmed in time again.
+        self._limit: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -566,12 +599,16 @@ class Relay:
         """Claim, publish, mark. Returns (rows dispatched, whether the claim was full)."""
         # After a channel error (say, an exchange that does not exist) the rows of the failed
         # batch are retried one at a time, so the one at fault is found and set aside.
-        size = 1 if self._isolate else conf.RELAY_BATCH_SIZE
+        # After a confirm timeout, batches no larger than what the broker confirmed in time.
+        size = (
+            1 if self._isolate else min(self._limit or conf.RELAY_BATCH_SIZE, conf.RELAY_BATCH_SIZE)
+        )
         publisher = self._ensure_publisher()
         if publisher is None:
             return 0, False
         rows: list[Row] = []
         traced: Any = None
+        timed_out: ConfirmTimeout | None = None
         try:
             with self._claim_transaction():
                 rows = self._claim(size)
@@ -581,7 +618,11 @@ class Relay:
                 traced = _publishing(rows)  # Sentry's trace, when it traces: None otherwise
                 if traced is not None:
                     rows = traced.rows
-                outcome = publisher.publish_batch(rows, conf.RELAY_CONFIRM_TIMEOUT)
+                try:
+                    outcome = publisher.publish_batch(rows, conf.RELAY_CONFIRM_TIMEOUT)
+                except ConfirmTimeout as exc:
+                    timed_out = exc
+                    outcome = self._after_timeout(exc)
                 self._mark(rows, outcome)
         except BaseException as exc:
             # The claim rolled back: every row of the batch is pending again.
@@ -596,10 +637,51 @@ class Relay:
             return 0, False
         if traced is not None:
             traced.finish(outcome)
+        self.dispatched_total += len(outcome.confirmed)
+        if timed_out is not None:
+            # The confirmed rows are marked; the connection is dropped and made again, as for
+            # any broker failure.
+            self._broker_failed(timed_out)
+            return len(outcome.confirmed), False
         self._isolate = max(0, self._isolate - 1)
         self._broker_failures = 0
-        self.dispatched_total += len(outcome.confirmed)
+        if self._limit is not None and len(rows) >= size:
+            # Back to the full batch size, doubling with each batch the broker confirmed in time.
+            self._limit = None if self._limit * 2 >= conf.RELAY_BATCH_SIZE else self._limit * 2
         return len(outcome.confirmed), len(rows) >= size
+
+    def _after_timeout(self, exc: ConfirmTimeout) -> BatchOutcome:
+        """What to mark after a confirm timeout, in the claim's transaction.
+
+        The rows RabbitMQ confirmed in time are marked dispatched: rolled back, they would be
+        published again after the reconnect, and again after each timeout while the broker stays
+        slow (a memory alarm, a slow disk, large messages): duplicates without end, and a relay
+        that never gets past the batch.
+
+        The unconfirmed rows stay pending, with the publish-retry backoff of a nacked message and
+        the reason in ``last_error``, rather than due at once. Their messages most likely reached
+        the broker, which is only slow to confirm them: each new try is probably a duplicate, and
+        one more load on a broker in trouble. The backoff grows with the row's
+        ``publish_attempts``, so a row the broker keeps not confirming in time goes out ever less
+        often (not once per reconnect), and ``last_error`` shows why it waits (the admin, and the
+        health check's failing rows). The price is their order: later rows may go out first.
+        """
+        # The connection is dropped after the commit (``_broker_failed``), not here: closing
+        # waits for the broker's answer, which a broker in a memory alarm does not read, and the
+        # claim's row locks would be held meanwhile.
+        outcome = exc.outcome
+        reason = f"not confirmed by the broker within {conf.RELAY_CONFIRM_TIMEOUT:g} s"
+        for row_id in exc.unconfirmed:
+            outcome.failed.setdefault(row_id, reason)
+        # The next batches are no larger than what the broker confirmed in time (at least one),
+        # doubling back to the batch size as they are confirmed.
+        self._limit = max(1, len(outcome.confirmed))
+        logger.warning(
+            "relay %s: %s; %d confirmed rows marked dispatched, the others wait; next batches "
+            "of %d at most",
+            self.name, exc, len(outcome.confirmed), self._limit,
+        )  # fmt: skip
+        return outcome
 
     def _channel_failed(self, rows: Sequence[Row], exc: BaseException) -> None:
         self._close_publisher()
@@ -680,6 +762,8 @@ class Relay:
                     publish_attempts=attempts[row_id],
                     last_error=reason,
                     due_at=now + timedelta(seconds=delay),
+                    # Kept from the first refusal: how long the broker has refused it (health).
+                    failing_since=Coalesce("failing_since", Value(now)),
                 )
 
     # -- broker connection -------------------------------------------------------------------

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from django.db import connection, transaction
+from django.test import override_settings
+from django.utils import timezone
 
 from reliable_tasks.models import OutboxMessage, RelayHeartbeat
-from tests.support import Broker, ProcessFactory, rabbitmqctl, wait_for
+from reliable_tasks.relay import Relay
+from tests.support import QUEUE, ROUTED_QUEUE, Broker, ProcessFactory, rabbitmqctl, wait_for
 from tests.testapp.models import Effect
-from tests.testapp.tasks import record
+from tests.testapp.tasks import record, routed
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -149,3 +155,75 @@ def test_a_worker_can_host_the_relay(broker: Broker, processes: ProcessFactory) 
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0, processes.log_of(worker)
     assert RelayHeartbeat.objects.get().stopped_at is not None
+
+
+@contextmanager
+def confirms_held_back(queue: str) -> Iterator[None]:
+    """RabbitMQ confirms no message routed to ``queue`` until the block ends, and the rest as
+    usual: the queue's process is suspended, as a queue on a stalled disk would be. A message
+    sent to it meanwhile is enqueued (and confirmed, to whoever still listens) after the block.
+
+    Declaring the queue waits for its process too: declare it before the block.
+    """
+    lookup = (
+        f'{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"{queue}">>)), '
+        "Pid = amqqueue:get_pid(Q)"
+    )
+    rabbitmqctl("eval", f"{lookup}, sys:suspend(Pid).")
+    try:
+        yield
+    finally:
+        rabbitmqctl("eval", f"{lookup}, sys:resume(Pid).")
+
+
+def test_rows_confirmed_before_a_confirm_timeout_are_marked_and_not_published_again(
+    broker: Broker, relay: Relay
+) -> None:
+    """A broker slow to confirm part of a batch: the relay used to roll the whole claim back
+    on the timeout, and publish the rows RabbitMQ had confirmed again after reconnecting (and
+    again after each timeout while the broker stayed slow)."""
+    # The relay declares each queue once per connection: a first batch declares both.
+    record.delay("warm-up")
+    routed.delay("warm-up")
+    assert relay.run_once() == 2
+    assert len(broker.get_all(QUEUE, expect=1)) == len(broker.get_all(ROUTED_QUEUE, expect=1)) == 1
+    with transaction.atomic():
+        confirmed = [record.delay(f"confirmed-{i}").id for i in range(2)]
+        held_back = routed.delay("held back").id  # in the middle: acks come out of order
+        confirmed += [record.delay(f"confirmed-{i}").id for i in range(2, 4)]
+    with (
+        override_settings(RELIABLE_TASKS_RELAY_CONFIRM_TIMEOUT=2.0),
+        confirms_held_back(ROUTED_QUEUE),
+    ):
+        # Times out on one message of five, marks the four confirmed, then reconnects.
+        started = timezone.now()
+        dispatched_in_time = relay.run_once()
+    waiting = list(OutboxMessage.objects.filter(status="pending"))
+    # The broker's slowness over, the relay publishes the rest.
+    OutboxMessage.objects.filter(status="pending").update(due_at=timezone.now())
+    relay.drain(timeout=30)
+
+    # Each confirmed row went out once.
+    assert received_ids(broker, expect=len(confirmed)) == dict.fromkeys(confirmed, 1)
+    # The held-back message is in its queue once the queue goes on, and the relay published
+    # it a second time: at most twice, never lost.
+    again = collections.Counter(m.headers["id"] for m in broker.get_all(ROUTED_QUEUE, expect=2))
+    assert set(again) == {held_back}
+    assert again[held_back] <= 2
+    assert dispatched() == 7
+
+    assert dispatched_in_time == 4
+    [row] = waiting
+    assert row.task_id == held_back
+    assert row.last_error == "not confirmed by the broker within 2 s"
+    assert row.publish_attempts == 1
+    # The publish-retry backoff from the timeout on, as for a nack: at least 0.5 s the first time.
+    assert row.due_at >= started + dt.timedelta(seconds=2.5)
+
+    # Until batches are confirmed in time again, they are no larger than what the broker
+    # confirmed before the timeout, doubling back to the batch size.
+    with transaction.atomic():
+        for i in range(6):
+            record.delay(f"after-{i}")
+    assert relay.run_once() == 4
+    assert relay.run_once() == 2
