@@ -12,7 +12,7 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from django.db import transaction
@@ -32,6 +32,7 @@ from .outbox import (
     PREVIOUS_DELAY_HEADER,
     SERIALIZER,
     CapturedMessage,
+    header_time,
     without_nul,
 )
 
@@ -470,12 +471,9 @@ def _passed(expires: Any) -> bool:
     if not isinstance(expires, str) or not expires:
         return False
     try:
-        when = datetime.fromisoformat(expires)
+        return header_time(expires) <= timezone.now()
     except ValueError:
         return False
-    if timezone.is_naive(when):
-        when = when.replace(tzinfo=UTC)  # Celery writes an offset; none is taken as UTC
-    return when <= timezone.now()
 
 
 __all__ = [

@@ -558,8 +558,9 @@ def _encode_mapping(task_name: str, what: str, value: Mapping[str, Any]) -> str:
         text = json.dumps(value, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError):
         raise _not_serializable(task_name, value, what=what) from None
-    # JSON writes a surrogate as \udXXXX; alone, the database's JSON refuses it. Characters
-    # beyond the BMP are written as such pairs too: only then is the slower exact search needed.
+    # JSON writes a surrogate as an escape such as \ud800, which the database's JSON refuses
+    # alone. Characters beyond the BMP are written as pairs of them: only then is the slower
+    # exact search needed.
     if "\\ud" in text:
         found = _first_unencodable(value, what, _no_surrogate, _no_surrogate)
         if found is not None:
@@ -661,10 +662,14 @@ def _queue_name(declare: list[Any] | None) -> str:
     return ""
 
 
+def header_time(value: str) -> datetime:
+    """A time Celery writes into a message's headers (``eta``, ``expires``; ISO 8601), aware:
+    one without an offset is UTC, as Celery's worker reads it. Raises ValueError if malformed."""
+    return maybe_make_aware(datetime.fromisoformat(value))
+
+
 def _due_at(eta: str | None) -> datetime:
-    if not eta:
-        return timezone.now()
-    return maybe_make_aware(datetime.fromisoformat(eta))
+    return header_time(eta) if eta else timezone.now()
 
 
 def _human(size: int) -> str:

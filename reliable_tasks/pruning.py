@@ -17,8 +17,8 @@ def delete_batch(
 ) -> int:
     """Delete up to ``limit`` rows of the ``expired`` queries, one after the other, each in its
     own order; return how many. Each batch is one ``DELETE`` per query, of the rows read for it
-    that still qualify, so a large backlog never becomes one long statement. ``dependents(ids)`` deletes what belongs
-    to the rows about to go (in the same transaction)."""
+    that still qualify, so a large backlog never becomes one long statement. ``dependents(ids)``
+    deletes what belongs to the rows about to go (in the same transaction)."""
     deleted = 0
     for rows in expired:
         if deleted >= limit:

@@ -28,7 +28,6 @@ from typing import Any, NoReturn, cast
 
 import amqp
 from celery import Celery
-from celery.utils.time import maybe_make_aware
 from django.db import DatabaseError, connections, transaction
 from django.db.models import F, Min, Value
 from django.db.models.functions import Coalesce
@@ -399,9 +398,7 @@ def _properties(row: Row) -> dict[str, Any]:
     props["correlation_id"] = _correlation_id(row)
     expires = row.expires
     if expires:
-        # Naive, it is UTC, as Celery's worker reads it (maybe_make_aware).
-        until = maybe_make_aware(datetime.fromisoformat(expires))
-        left = (until - datetime.now(UTC)).total_seconds()
+        left = (outbox.header_time(expires) - datetime.now(UTC)).total_seconds()
         props["expiration"] = str(max(0, int(left * 1000)))
     return props
 

@@ -14,7 +14,7 @@ import random
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
@@ -669,23 +669,19 @@ def _claim_and_run(
     # One cursor carries the ledger's statements of the execution: the claim and, in atomic
     # mode, the result (the task's own statements use cursors of their own).
     outcome: Any = None
-    follow_ups = request.callbacks, request.chain
-    try:
-        with transaction.atomic(using=conf.DATABASE), connection.cursor() as cursor:
-            claim = ledger.claim(
-                task.name, key, fingerprint, task_id=task_id, worker=worker, lease_seconds=lease,
-                atomic=task.atomic, cursor=cursor,
-            )  # fmt: skip
-            if claim.owned and task.atomic:
-                outcome = _run_atomic(
-                    task, request, claim, fingerprint, args, kwargs, writes, cursor,
-                    last=outermost,
-                )  # fmt: skip
-    except BaseException:
-        # Follow-ups sent in the transaction went with its rollback (a commit that failed, on
-        # a deferred constraint, say): the retry, or the dead task, carries them again.
-        request.callbacks, request.chain = follow_ups
-        raise
+    with (
+        _follow_ups_kept(request),
+        transaction.atomic(using=conf.DATABASE),
+        connection.cursor() as cursor,
+    ):
+        claim = ledger.claim(
+            task.name, key, fingerprint, task_id=task_id, worker=worker, lease_seconds=lease,
+            atomic=task.atomic, cursor=cursor,
+        )  # fmt: skip
+        if claim.owned and task.atomic:
+            outcome = _run_atomic(
+                task, request, claim, fingerprint, args, kwargs, writes, cursor, last=outermost
+            )
     if isinstance(outcome, _Ended):
         raise outcome.signal  # after the commit: what the body did stands
     if claim.owned and task.atomic:
@@ -791,15 +787,10 @@ def _run_leased(
         raise
     request.reliable_in_body = False
     stored = ledger.encode_result(task.name, result)
-    follow_ups = request.callbacks, request.chain
-    try:
-        with transaction.atomic(using=conf.DATABASE):
-            completed = ledger.complete(claim, stored)
-            if completed:
-                _send_follow_ups(task, request, result)
-    except BaseException:
-        request.callbacks, request.chain = follow_ups  # as in _claim_and_run
-        raise
+    with _follow_ups_kept(request), transaction.atomic(using=conf.DATABASE):
+        completed = ledger.complete(claim, stored)
+        if completed:
+            _send_follow_ups(task, request, result)
     if completed:
         ledger.done_cache.remember(writes, task.name, claim.key, fingerprint, stored)
     else:
@@ -807,6 +798,19 @@ def _run_leased(
             "finished after losing the key to another execution; its result is not recorded"
         )
     return result
+
+
+@contextlib.contextmanager
+def _follow_ups_kept(request: Any) -> Iterator[None]:
+    """Around the transaction that sends the follow-ups: if it fails (its commit too, on a
+    deferred constraint, say), they went with its rollback, and the request carries them again
+    for the retry, or the dead task."""
+    follow_ups = request.callbacks, request.chain
+    try:
+        yield
+    except BaseException:
+        request.callbacks, request.chain = follow_ups
+        raise
 
 
 def _send_follow_ups(task: ReliableTask, request: Any, result: Any) -> None:
