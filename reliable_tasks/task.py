@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-from celery import Task, shared_task, signature
+from celery import Task, shared_task, signature, states
 from celery.backends.rpc import RPCBackend
 from celery.exceptions import Ignore, Reject
 from celery.exceptions import Retry as CeleryRetry
@@ -872,12 +872,29 @@ def _duplicate(
         "key already done; not run again, stored result returned (%s)",
         "cache" if cached else "database",
     )
+    request = cast(Any, task.request)
     # The first execution sent its callbacks and next chain step with its "done".
-    cast(Any, task.request).callbacks = cast(Any, task.request).chain = None
+    request.callbacks = request.chain = None
+    if request.chord and _counted_in_chord(task, request):
+        # Celery would count this delivery as one more finished member of its chord: the count
+        # would reach the end with a member still to run (django-celery-results then drops
+        # the chord, its body never run; other backends may start the body early).
+        request.chord = None
     signals.task_duplicate.send(
         sender=task.__class__, task=task, key=key, cached=cached, result=result
     )
     return result
+
+
+def _counted_in_chord(task: ReliableTask, request: Any) -> bool:
+    """Whether an earlier delivery of this message was counted as its chord's member.
+
+    Celery stores a task's result, then counts it towards its chord. A result stored under
+    this task id says an execution of this message got that far. Without one, the execution
+    that completed the key died between its commit and the count (or was another message, a
+    second enqueue of a business key): this delivery is the one that counts.
+    """
+    return bool(task.backend.get_task_meta(request.id).get("status") == states.SUCCESS)
 
 
 def _reused(task: ReliableTask, key: str, first: str, now: str) -> IdempotencyKeyReused:

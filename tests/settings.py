@@ -25,6 +25,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "reliable_tasks",
     "tests.testapp",
+    # Its tables, for the tests that run chords on its result backend (RT_TEST_RESULT_BACKEND).
+    "django_celery_results",
 ]
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -88,6 +90,10 @@ CELERY_TASK_ROUTES = {
 # Plain Celery publishing waits for RabbitMQ's confirms too (reliable_tasks.W004); the relay
 # confirms its batches on its own channel whatever this says.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
+# No result backend, unless a test's workers need one (chords): "django-db" is
+# django-celery-results' backend, on the test database.
+if os.environ.get("RT_TEST_RESULT_BACKEND"):
+    CELERY_RESULT_BACKEND = os.environ["RT_TEST_RESULT_BACKEND"]
 
 RELIABLE_TASKS_RELAY_POLL_INTERVAL = float(os.environ.get("RT_TEST_RELAY_POLL_INTERVAL", "0.2"))
 RELIABLE_TASKS_MAX_DELIVERIES = int(os.environ.get("RT_TEST_MAX_DELIVERIES", "5"))

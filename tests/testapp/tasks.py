@@ -368,3 +368,22 @@ def with_options(key: str, *, note: str = "") -> str:
     """Options (its own, and a priority from task_routes) Celery writes into its every message."""
     Effect.objects.create(key=key)
     return key
+
+
+@reliable_task
+def collect(results: list[str], key: str) -> str:
+    """A chord's body: records the header's results it was given, in their order."""
+    effect = f"{key}:{','.join(results)}"
+    Effect.objects.create(key=effect)
+    return effect
+
+
+@reliable_task(bind=True)
+def dies_after_its_commit(self: ReliableTask, key: str) -> str:
+    """Writes its effect, then kills the process that runs it as soon as its transaction (the
+    effect, the key's "done", the follow-ups' outbox rows) commits: before the worker can
+    acknowledge the message. Only on the first delivery, so that the redelivery can end."""
+    Effect.objects.create(key=key, task_id=self.request.id)
+    if not (self.request.delivery_info or {}).get("redelivered"):
+        transaction.on_commit(lambda: os.kill(os.getpid(), signal.SIGKILL))
+    return key
