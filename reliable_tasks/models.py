@@ -194,13 +194,15 @@ class TaskAttempt(models.Model):
     """One attempt of a task that did not succeed: its error, where and when it ran.
 
     Successful attempts leave no row; an attempt that never reported back (its worker was
-    killed) is recorded as "lost" when the message is delivered again.
+    killed) is recorded as "lost" when the message is delivered again, and one whose ledger
+    statement failed while the database answered as "requeued", with that error.
     """
 
     class Outcome(models.TextChoices):
         FAILED = "failed", "failed"
         LOST = "lost", "lost (the delivery ended without an outcome)"
         REDELIVERED = "redelivered", "redelivered (no sign that the earlier delivery ran)"
+        REQUEUED = "requeued", "requeued (a statement of the ledger failed)"
 
     id = models.BigAutoField(primary_key=True)
     task_id = models.CharField(max_length=255, db_index=True)

@@ -398,10 +398,33 @@ def _execute_keyed(
         # The ledger's own statements (the claim, the result, the commit) failed, or the
         # database is gone: not the task's failure. A connection lost and found again (a
         # failover, a killed session), SQLite's lock held elsewhere: the message goes back.
+        if reachable:
+            _record_requeue(task, request, exc, started_at, key)
         _database_down(task, exc)
     except Exception as exc:  # noqa: BLE001 - every task error is recorded, then raised again
         _failed(task, exc, started_at, args, kwargs, key)
     raise AssertionError("not reached: the handlers above raise")  # pragma: no cover
+
+
+def _record_requeue(
+    task: ReliableTask, request: Any, exc: Exception, started_at: datetime, key: str
+) -> None:
+    """The database answers, yet a statement of the ledger failed: record why the message goes
+    back. An error that persists (a lock the claim times out on, a full disk) ends as a crash
+    loop's dead task, whose attempts then say what kept failing."""
+    from . import dead
+    from .models import TaskAttempt
+
+    try:
+        TaskAttempt.objects.using(conf.DATABASE).create(
+            task_id=str(request.id), task_name=task.name, idempotency_key=key,
+            number=int(request.retries or 0) + 1, outcome=TaskAttempt.Outcome.REQUEUED,
+            exc_type=dead.qualname(exc), message=dead.truncate(str(exc), dead.MAX_MESSAGE),
+            traceback=dead.truncate(traceback.format_exc(), dead.MAX_TRACEBACK),
+            worker=request.hostname or socket.gethostname(), started_at=started_at,
+        )  # fmt: skip
+    except (OperationalError, InterfaceError):
+        log.for_task(logger, task, key).warning("could not record the requeue", exc_info=True)
 
 
 def _database_down(task: ReliableTask, exc: Exception) -> NoReturn:

@@ -73,6 +73,11 @@ else:
             "PORT": os.environ.get("PGPORT", "5432"),
         }
     }
+    if os.environ.get("RT_TEST_PG_LOCK_TIMEOUT_MS"):
+        # A worker that gives up waiting for a lock (a test holds one on the ledger).
+        DATABASES["default"]["OPTIONS"] = {
+            "options": f"-c lock_timeout={int(os.environ['RT_TEST_PG_LOCK_TIMEOUT_MS'])}"
+        }
 
 CACHES = {
     "default": {

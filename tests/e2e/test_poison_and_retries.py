@@ -10,9 +10,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+from django.db import connection, transaction
 from kombu import Producer
 
-from reliable_tasks.models import DeadTask, OutboxMessage, TaskAttempt
+from reliable_tasks.models import DeadTask, IdempotencyKey, OutboxMessage, TaskAttempt
 from tests.e2e.test_idempotency_faults import queue_counts
 from tests.support import (
     QUEUE,
@@ -115,6 +116,32 @@ def test_a_task_that_kills_its_worker_every_time_becomes_dead_and_the_queue_flow
     wait_for(lambda: effects("after-the-poison"), timeout=60, what="the next task to run")
     wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")
     assert worker.poll() is None
+
+
+@pytest.mark.postgres
+def test_a_ledger_statement_that_keeps_failing_ends_as_a_dead_task_that_says_why(
+    broker: Broker, processes: ProcessFactory
+) -> None:
+    """The database answers, but the claim cannot take its lock (this test holds the ledger in
+    SHARE mode; the worker gives up after 200 ms): each delivery goes back to the queue and
+    records why, and the crash loop's dead task keeps those errors."""
+    processes.relay()
+    record.delay("locked-out")
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(f"LOCK TABLE {IdempotencyKey._meta.db_table} IN SHARE MODE")
+        processes.worker(env={"RT_TEST_PG_LOCK_TIMEOUT_MS": "200", "RT_TEST_MAX_DELIVERIES": "2"})
+        wait_for(lambda: DeadTask.objects.exists(), timeout=90, what="the dead task")
+    dead = DeadTask.objects.get()
+    assert dead.reason == "crash_loop"
+    # Three times the limit of deliveries without a sign that they started (the requeued ones
+    # end, and clear their marks), each recorded, then the seventh delivery ends it.
+    outcomes = [a["outcome"] for a in dead.attempts]
+    assert outcomes == ["requeued"] + ["redelivered", "requeued"] * 5 + ["redelivered"]
+    requeued = [a for a in dead.attempts if a["outcome"] == "requeued"]
+    assert all(a["exc_type"] == "django.db.utils.OperationalError" for a in requeued)
+    assert all("lock timeout" in a["message"] for a in requeued)
+    wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the message to be acknowledged")
+    assert not effects("locked-out")
 
 
 def test_only_a_delivery_that_started_counts_towards_a_crash_loop(

@@ -688,7 +688,13 @@ def test_a_connection_lost_under_the_claim_puts_the_message_back_instead_of_fail
         admin.execute("SELECT pg_terminate_backend(%s)", [pid])
     outcome = record.apply(("blip",), task_id="blip")
     assert outcome.state == "REJECTED"
-    assert not TaskAttempt.objects.exists()
+    # Not a failed attempt (no retry was scheduled): a requeue, recorded with its error.
+    [attempt] = TaskAttempt.objects.all()
+    assert attempt.outcome == TaskAttempt.Outcome.REQUEUED
+    assert attempt.exc_type in {
+        "django.db.utils.OperationalError",
+        "django.db.utils.InterfaceError",
+    }
     assert not OutboxMessage.objects.exists()
     assert record.apply(("blip",), task_id="blip").get() == "blip"
     assert list(Effect.objects.values_list("key", flat=True)) == ["blip"]
