@@ -412,19 +412,35 @@ def _record_requeue(
     """The database answers, yet a statement of the ledger failed: record why the message goes
     back. An error that persists (a lock the claim times out on, a full disk) ends as a crash
     loop's dead task, whose attempts then say what kept failing."""
+    from .models import TaskAttempt
+
+    number = int(request.retries or 0) + 1
+    try:
+        _record_attempt(task, request, key, number, TaskAttempt.Outcome.REQUEUED, exc, started_at)
+    except (OperationalError, InterfaceError):
+        log.for_task(logger, task, key).warning("could not record the requeue", exc_info=True)
+
+
+def _record_attempt(
+    task: ReliableTask,
+    request: Any,
+    key: str,
+    number: int,
+    outcome: str,
+    exc: BaseException,
+    started_at: datetime,
+) -> None:
+    """Store an attempt that did not succeed, with the error being handled and its traceback."""
     from . import dead
     from .models import TaskAttempt
 
-    try:
-        TaskAttempt.objects.using(conf.DATABASE).create(
-            task_id=str(request.id), task_name=task.name, idempotency_key=key,
-            number=int(request.retries or 0) + 1, outcome=TaskAttempt.Outcome.REQUEUED,
-            exc_type=dead.qualname(exc), message=dead.truncate(str(exc), dead.MAX_MESSAGE),
-            traceback=dead.truncate(traceback.format_exc(), dead.MAX_TRACEBACK),
-            worker=request.hostname or socket.gethostname(), started_at=started_at,
-        )  # fmt: skip
-    except (OperationalError, InterfaceError):
-        log.for_task(logger, task, key).warning("could not record the requeue", exc_info=True)
+    TaskAttempt.objects.using(conf.DATABASE).create(
+        task_id=str(request.id), task_name=task.name, idempotency_key=key, number=number,
+        outcome=outcome, exc_type=dead.qualname(exc),
+        message=dead.truncate(str(exc), dead.MAX_MESSAGE),
+        traceback=dead.truncate(traceback.format_exc(), dead.MAX_TRACEBACK),
+        worker=request.hostname or socket.gethostname(), started_at=started_at,
+    )  # fmt: skip
 
 
 def _database_down(task: ReliableTask, exc: Exception) -> NoReturn:
@@ -500,13 +516,9 @@ def _failed(
     retry_args, retry_kwargs = new_call or (args, kwargs)
     try:
         with transaction.atomic(using=conf.DATABASE):
-            TaskAttempt.objects.using(conf.DATABASE).create(
-                task_id=str(request.id), task_name=task.name, idempotency_key=key, number=attempt,
-                outcome=TaskAttempt.Outcome.FAILED, exc_type=dead.qualname(cause),
-                message=dead.truncate(str(cause), dead.MAX_MESSAGE),
-                traceback=dead.truncate(traceback.format_exc(), dead.MAX_TRACEBACK),
-                worker=request.hostname or socket.gethostname(), started_at=started_at,
-            )  # fmt: skip
+            _record_attempt(
+                task, request, key, attempt, TaskAttempt.Outcome.FAILED, cause, started_at
+            )
             dead.trim_attempts(str(request.id), newest=attempt)
             claim = getattr(request, "reliable_claim", None)
             if new_call is not None and decision.retry and claim is not None:
