@@ -15,7 +15,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from reliable_tasks.models import OutboxMessage, RelayHeartbeat
-from reliable_tasks.relay import Relay
+from reliable_tasks.relay import NOTIFY_CHANNEL, Relay
 from tests.support import QUEUE, ROUTED_QUEUE, Broker, ProcessFactory, rabbitmqctl, wait_for
 from tests.testapp.models import Effect
 from tests.testapp.tasks import record, routed
@@ -112,17 +112,82 @@ def test_two_relays_on_postgresql_never_publish_a_row_twice(
     assert shares["relay-b"] > 0
 
 
+# tests/settings.py has the relay beat every second, and a heartbeat due ends an idle relay's
+# wait as a poll does: a row would go out within a second with no notification at all. This
+# relay beats and polls once a minute, so only a notification gets a row out within seconds.
+QUIET_RELAY = {"RT_TEST_RELAY_POLL_INTERVAL": "60", "RT_TEST_RELAY_HEARTBEAT_INTERVAL": "60"}
+
+
 @pytest.mark.postgres
 def test_a_commit_wakes_the_relay_without_waiting_for_the_poll(
     broker: Broker, processes: ProcessFactory
 ) -> None:
-    processes.relay(env={"RT_TEST_RELAY_POLL_INTERVAL": "30"})
+    processes.relay(env=QUIET_RELAY)
     wait_for(lambda: RelayHeartbeat.objects.exists(), timeout=30, what="the relay to start")
     time.sleep(0.5)
     started = time.monotonic()
     record.delay("wake")
     wait_for(dispatched, timeout=10, interval=0.01, what="the notified relay")
     assert time.monotonic() - started < 2.0
+
+
+def listening_backends() -> list[int]:
+    """Backends of the test database LISTENing for the outbox's notifications, this one aside."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND query = %s",
+            [f"LISTEN {NOTIFY_CHANNEL}"],
+        )
+        return [pid for (pid,) in cursor.fetchall()]
+
+
+def seconds_to_dispatch(name: str) -> float:
+    """Commit one task; the seconds until the relay marked its row dispatched."""
+    started = time.monotonic()
+    task_id = record.delay(name).id
+    wait_for(
+        lambda: OutboxMessage.objects.filter(task_id=task_id, status="dispatched").exists(),
+        timeout=10,
+        interval=0.01,
+        what=f"{name!r} to be dispatched",
+    )
+    return time.monotonic() - started
+
+
+@pytest.mark.postgres
+def test_a_relay_whose_listening_connection_is_lost_listens_again(
+    broker: Broker, processes: ProcessFactory
+) -> None:
+    relay = processes.relay(env=QUIET_RELAY)
+    [listener] = wait_for(listening_backends, timeout=30, what="the relay to LISTEN")
+    assert seconds_to_dispatch("before") < 2.0
+
+    # Only the listening connection goes: the relay's other connection, and the database, stay.
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [listener])
+        assert cursor.fetchone() == (True,)
+    # Committed as the relay loses its listener: the batch it runs as it reconnects takes it
+    # (or, if it listens again first, a notification).
+    assert seconds_to_dispatch("unheard") < 5.0
+    [again] = wait_for(
+        lambda: [pid for pid in listening_backends() if pid != listener],
+        timeout=10,
+        what="the relay to LISTEN on a new connection",
+    )
+    wait_for(lambda: listening_backends() == [again], timeout=5, what="one listener, the new one")
+    assert "database unavailable" in processes.log_of(relay)
+
+    # That batch is over, and the next poll and heartbeat a minute away: only a notification
+    # on the new connection gets these out in time, the second after the first woke the relay.
+    assert seconds_to_dispatch("after-1") < 2.0
+    assert seconds_to_dispatch("after-2") < 2.0
+
+    assert relay.poll() is None, processes.log_of(relay)
+    assert dispatched() == 4
+    assert received_ids(broker, expect=4) == dict.fromkeys(
+        OutboxMessage.objects.values_list("task_id", flat=True), 1
+    ), "a task was lost or published twice"
 
 
 def test_sigterm_stops_the_relay_cleanly(broker: Broker, processes: ProcessFactory) -> None:
