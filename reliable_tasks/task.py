@@ -25,7 +25,7 @@ from celery.exceptions import Retry as CeleryRetry
 from celery.result import AsyncResult
 from celery.utils.time import maybe_make_aware
 from django.core.exceptions import ImproperlyConfigured
-from django.db import InterfaceError, OperationalError, connections, transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, connections, transaction
 from django.db.models import Count
 from django.db.transaction import TransactionManagementError
 from django.utils import timezone
@@ -417,7 +417,7 @@ def _record_requeue(
     number = int(request.retries or 0) + 1
     try:
         _record_attempt(task, request, key, number, TaskAttempt.Outcome.REQUEUED, exc, started_at)
-    except (OperationalError, InterfaceError):
+    except DatabaseError:  # the requeue goes ahead: the error is in the log
         log.for_task(logger, task, key).warning("could not record the requeue", exc_info=True)
 
 
