@@ -470,6 +470,22 @@ class Waker:
 # The relay
 
 
+def _retried_alone(rows: list[Row]) -> list[Row]:
+    """The rows to publish of a claim: a row tried before goes out in a batch of its own.
+
+    A row the broker refuses with a channel error (a queue declared with other arguments) fails
+    every batch it is in: the claim rolls back, the connection is made again, the batch's rows
+    go out one at a time, and any the broker took already go out twice. A row tried before
+    (refused, nacked, not confirmed in time) is therefore published alone, and the rows claimed
+    after it are left, due, for the next claim; on PostgreSQL their locks go with the claim's
+    commit. Rows are published in claim order, as before.
+    """
+    for position, row in enumerate(rows):
+        if row.publish_attempts:
+            return rows[:position] or rows[:1]
+    return rows
+
+
 def _publishing(rows: Sequence[Row]) -> Any:
     """Sentry's transactions for a batch (``integrations.sentry.publishing``), or None."""
     from .integrations import sentry
@@ -608,10 +624,11 @@ class Relay:
         timed_out: ConfirmTimeout | None = None
         try:
             with self._claim_transaction():
-                rows = self._claim(size)
-                if not rows:
+                claimed = self._claim(size)
+                if not claimed:
                     self._isolate = 0
                     return 0, False
+                rows = _retried_alone(claimed)
                 traced = _publishing(rows)  # Sentry's trace, when it traces: None otherwise
                 if traced is not None:
                     rows = traced.rows
@@ -642,10 +659,11 @@ class Relay:
             return len(outcome.confirmed), False
         self._isolate = max(0, self._isolate - 1)
         self._broker_failures = 0
-        if self._limit is not None and len(rows) >= size:
+        if self._limit is not None and len(claimed) >= size:
             # Back to the full batch size, doubling with each batch the broker confirmed in time.
             self._limit = None if self._limit * 2 >= conf.RELAY_BATCH_SIZE else self._limit * 2
-        return len(outcome.confirmed), len(rows) >= size
+        # Rows claimed but left for the next batch are due: that one starts at once.
+        return len(outcome.confirmed), len(claimed) >= size or len(rows) < len(claimed)
 
     def _after_timeout(self, exc: ConfirmTimeout) -> BatchOutcome:
         """What to mark after a confirm timeout, in the claim's transaction.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+from collections import Counter
 
 import pytest
 from amqp import serialization as amqp_serialization
@@ -261,6 +263,36 @@ def test_a_queue_the_broker_refuses_to_declare_is_isolated_and_the_rest_flow(
         delivered = {json.loads(m.body)[0][0] for m in broker.get_all(expect=2)}
         assert delivered == {"before", "after"}
         refused = OutboxMessage.objects.get(status="pending")
+        assert "PRECONDITION_FAILED" in refused.last_error
+    finally:
+        broker.channel.queue_delete(mismatched)
+
+
+def test_a_row_refused_before_is_tried_again_alone_and_fails_no_other_row(
+    broker: Broker, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused with a channel error, a row failed every batch it was tried in again (the batch
+    rolled back, the broker connection was made again, and its rows went out one at a time).
+    Tried again, it now goes out on its own."""
+    mismatched = f"{QUEUE}.mismatched"
+    broker.channel.queue_declare(mismatched, durable=False, auto_delete=False)
+    try:
+        refused_id = record.apply_async(("refused",), queue=mismatched).id
+        relay.drain(timeout=30)
+        refused = OutboxMessage.objects.get(task_id=refused_id, status="pending")
+        assert refused.publish_attempts == 1
+        # Due again, between two rows that are fine: one claim takes all three.
+        record.delay("before")
+        OutboxMessage.objects.filter(pk=refused.pk).update(due_at=timezone.now())
+        record.delay("after")
+        with caplog.at_level(logging.WARNING, logger="reliable_tasks.relay"):
+            relay.drain(timeout=30)
+        assert "channel error in a batch" not in caplog.text
+        assert f"refused outbox row {refused.pk}" in caplog.text
+        delivered = Counter(json.loads(m.body)[0][0] for m in broker.get_all(expect=2))
+        assert delivered == {"before": 1, "after": 1}
+        refused.refresh_from_db()
+        assert (refused.status, refused.publish_attempts) == ("pending", 2)
         assert "PRECONDITION_FAILED" in refused.last_error
     finally:
         broker.channel.queue_delete(mismatched)
