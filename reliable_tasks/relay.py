@@ -42,6 +42,8 @@ from .retry import backoff
 logger = logging.getLogger("reliable_tasks.relay")
 
 NOTIFY_CHANNEL = "reliable_tasks_outbox"
+#: How ``last_error`` begins for a row the broker refused (a channel error, a missing exchange).
+REFUSED = "refused by the broker: "
 PERSISTENT = 2
 
 _OUTBOX = OutboxMessage._meta.db_table
@@ -65,7 +67,8 @@ def _claim_sql(skip_locked: bool, vendor: str) -> str:
     columns = (
         "id", "task_id", "task_name", "queue", "exchange", "routing_key", headers,
         expires or "NULL", "properties", "body", "content_type", "content_encoding",
-        "publish_attempts", "header_table",
+        # '%%': the driver's placeholders are %s, and a literal % is written twice.
+        "publish_attempts", "header_table", f"last_error LIKE '{REFUSED}%%'",
     )  # fmt: skip
     sql = (
         f"SELECT {', '.join(columns)} FROM {_OUTBOX} WHERE status = %s AND due_at <= %s "
@@ -103,6 +106,8 @@ class Row:
     content_encoding: str
     publish_attempts: int
     header_table: bytes | None = None
+    #: The broker refused it when it was last tried (``last_error`` begins with ``REFUSED``).
+    refused: bool = False
 
     def header_dict(self) -> dict[str, Any]:
         if self.headers is not None:
@@ -209,7 +214,7 @@ class Publisher:
         with self._corked():
             for row in rows:
                 if row.exchange in missing:
-                    outcome.failed[row.id] = f"refused by the broker: {missing[row.exchange]}"
+                    outcome.failed[row.id] = f"{REFUSED}{missing[row.exchange]}"
                     continue
                 if row.queue in undeclared:
                     outcome.failed[row.id] = f"cannot build the message: {undeclared[row.queue]!r}"
@@ -471,17 +476,17 @@ class Waker:
 
 
 def _retried_alone(rows: list[Row]) -> list[Row]:
-    """The rows to publish of a claim: a row tried before goes out in a batch of its own.
+    """The rows to publish of a claim: a row the broker refused before goes out on its own.
 
     A row the broker refuses with a channel error (a queue declared with other arguments) fails
     every batch it is in: the claim rolls back, the connection is made again, the batch's rows
-    go out one at a time, and any the broker took already go out twice. A row tried before
-    (refused, nacked, not confirmed in time) is therefore published alone, and the rows claimed
-    after it are left, due, for the next claim; on PostgreSQL their locks go with the claim's
-    commit. Rows are published in claim order, as before.
+    go out one at a time, and any the broker took already go out twice. Such a row is therefore
+    published alone when it is due again, and the rows claimed after it are left, due, for the
+    next claim; on PostgreSQL their locks go with the claim's commit. Rows nacked or not
+    confirmed in time fail no batch, and go out in batches as before. Rows keep claim order.
     """
     for position, row in enumerate(rows):
-        if row.publish_attempts:
+        if row.refused:
             return rows[:position] or rows[:1]
     return rows
 
@@ -659,7 +664,7 @@ class Relay:
             return len(outcome.confirmed), False
         self._isolate = max(0, self._isolate - 1)
         self._broker_failures = 0
-        if self._limit is not None and len(claimed) >= size:
+        if self._limit is not None and len(rows) >= size:
             # Back to the full batch size, doubling with each batch the broker confirmed in time.
             self._limit = None if self._limit * 2 >= conf.RELAY_BATCH_SIZE else self._limit * 2
         # Rows claimed but left for the next batch are due: that one starts at once.
@@ -704,7 +709,7 @@ class Relay:
             logger.warning(
                 "relay %s: the broker refused outbox row %d: %s", self.name, rows[0].id, exc
             )
-            self._mark(rows, BatchOutcome(failed={rows[0].id: f"refused by the broker: {exc}"}))
+            self._mark(rows, BatchOutcome(failed={rows[0].id: f"{REFUSED}{exc}"}))
             self._isolate = max(0, self._isolate - 1)
         else:
             logger.warning(
@@ -740,7 +745,7 @@ class Relay:
         # Positions as in Row: 6 and 8 are the JSON columns.
         rows = [
             Row(r[0], r[1], r[2], r[3], r[4], r[5], _json(r[6]), r[7], _json(r[8]), r[9], r[10],
-                r[11], r[12], None if r[13] is None else bytes(r[13]))
+                r[11], r[12], None if r[13] is None else bytes(r[13]), bool(r[14]))
             for r in fetched
         ]  # fmt: skip
         if vendor not in _EXPIRES:  # the database gave the headers, not their 'expires'

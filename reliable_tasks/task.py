@@ -60,6 +60,9 @@ MAX_KEY_LENGTH = 255
 UNMARKED_REDELIVERIES_FACTOR = 3
 # A delivery that finds the database down is put back after this pause, not spun on.
 DATABASE_DOWN_PAUSE = 1.0
+# How long a duplicate of a chord's member waits for the result of the execution that
+# completed its key to be stored, before it counts towards the chord itself.
+CHORD_RESULT_WAIT = 1.0
 
 KeyFunc = Callable[..., Any]
 
@@ -398,7 +401,7 @@ def _execute_keyed(
         # The ledger's own statements (the claim, the result, the commit) failed, or the
         # database is gone: not the task's failure. A connection lost and found again (a
         # failover, a killed session), SQLite's lock held elsewhere: the message goes back.
-        if reachable:
+        if reachable and not _sqlite_busy(exc):
             _record_requeue(task, request, exc, started_at, key)
         _database_down(task, exc)
     except Exception as exc:  # noqa: BLE001 - every task error is recorded, then raised again
@@ -410,8 +413,8 @@ def _record_requeue(
     task: ReliableTask, request: Any, exc: Exception, started_at: datetime, key: str
 ) -> None:
     """The database answers, yet a statement of the ledger failed: record why the message goes
-    back. An error that persists (a lock the claim times out on, a full disk) ends as a crash
-    loop's dead task, whose attempts then say what kept failing."""
+    back. An error that persists (a lock the claim times out on) ends as a crash loop's dead
+    task, whose attempts then say what kept failing."""
     from .models import TaskAttempt
 
     number = int(request.retries or 0) + 1
@@ -419,6 +422,12 @@ def _record_requeue(
         _record_attempt(task, request, key, number, TaskAttempt.Outcome.REQUEUED, exc, started_at)
     except DatabaseError:  # the requeue goes ahead: the error is in the log
         log.for_task(logger, task, key).warning("could not record the requeue", exc_info=True)
+
+
+def _sqlite_busy(exc: Exception) -> bool:
+    """SQLite's write lock held by another process: recording the requeue would wait for the
+    same lock (the busy timeout) and fail as well."""
+    return connections[conf.DATABASE].vendor == "sqlite" and "locked" in str(exc)
 
 
 def _record_attempt(
@@ -924,12 +933,30 @@ def _duplicate(
 def _counted_in_chord(task: ReliableTask, request: Any) -> bool:
     """Whether an earlier delivery of this message was counted as its chord's member.
 
-    Celery stores a task's result, then counts it towards its chord. A result stored under
-    this task id says an execution of this message got that far. Without one, the execution
-    that completed the key died between its commit and the count (or was another message, a
-    second enqueue of a business key): this delivery is the one that counts.
+    Celery stores a task's result right after the commit, then counts it towards its chord. A
+    result stored under this task id says an execution of this message got that far. A copy
+    that waited on the key's lock wakes at that commit, before the store: it waits for the
+    result ``CHORD_RESULT_WAIT`` seconds. Still none, and the execution that completed the key
+    died between its commit and the count (or was another message, a second enqueue of a
+    business key): this delivery is the one that counts. A result backend that cannot say puts
+    the message back, as a database that is down does: counted twice or not at all, the chord
+    would be lost.
     """
-    return bool(task.backend.get_task_meta(request.id).get("status") == states.SUCCESS)
+    deadline = time.monotonic() + CHORD_RESULT_WAIT
+    while True:
+        try:
+            status = task.backend.get_task_meta(request.id).get("status")
+        except Exception as exc:  # whatever the backend raises, the message goes back
+            log.for_task(logger, task).warning(
+                "result backend unavailable (%s); message requeued", exc
+            )
+            time.sleep(DATABASE_DOWN_PAUSE)
+            raise Reject(exc, requeue=True) from exc
+        if status == states.SUCCESS:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def _reused(task: ReliableTask, key: str, first: str, now: str) -> IdempotencyKeyReused:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from celery import chain, chord
+from django_celery_results.models import TaskResult
 
 from reliable_tasks.models import IdempotencyKey, OutboxMessage
 from reliable_tasks.relay import Relay
@@ -76,10 +77,14 @@ def test_a_chord_runs_its_body_once_when_a_member_is_delivered_twice(
     assert relay.drain() == 3
     processes.worker(env=database_results)
     wait_for(lambda: sorted(effects()) == ["a", "b"], timeout=60, what="the first two members")
-    # The first member's message again, as a relay that died before marking its row sends it.
-    OutboxMessage.objects.filter(task_id=Effect.objects.get(key="a").task_id).update(
-        status="pending"
+    first = Effect.objects.get(key="a").task_id
+    wait_for(
+        lambda: TaskResult.objects.filter(task_id=first, status="SUCCESS").exists(),
+        timeout=30,
+        what="the first member's result",
     )
+    # The first member's message again, as a relay that died before marking its row sends it.
+    OutboxMessage.objects.filter(task_id=first).update(status="pending")
     assert relay.drain() == 1
     wait_for(
         lambda: Observed.objects.filter(kind="duplicate").exists(),

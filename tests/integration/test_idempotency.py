@@ -938,3 +938,28 @@ def test_prune_removes_only_keys_past_retention() -> None:
     assert sorted(IdempotencyKey.objects.values_list("key", flat=True)) == ["live", "new"]
     # The stored result went with its key.
     assert list(KeyResult.objects.values_list("result", flat=True)) == ["new"]
+
+
+def test_a_duplicate_chord_member_whose_result_backend_does_not_answer_goes_back_to_the_queue(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The duplicate cannot tell whether the delivery that ran was counted towards its chord:
+    rather than count it twice or not at all, the message goes back to the queue."""
+    from celery.app.trace import build_tracer
+    from celery.backends.redis import RedisBackend
+
+    assert record.apply(("member",), task_id="member").get() == "member"
+    # A Redis result backend where nothing listens (port 9): the backend is down.
+    down = RedisBackend(app=record.app, url="redis://127.0.0.1:9/0?socket_connect_timeout=1")
+    monkeypatch.setattr(record, "_backend", down)
+    trace = build_tracer(record.name, record, app=record.app, eager=False, propagate=False)
+    request = {
+        "id": "member", "task": record.name, "group": "the-chord", "hostname": "w@test",
+        "chord": record.si("body"), "delivery_info": {"redelivered": True},
+    }  # fmt: skip
+    outcome = trace("member", ("member",), {}, request)
+    assert outcome.info.state == "REJECTED"
+    assert outcome.info.retval.requeue is True
+    # Nothing ran again, and the delivery is no failed attempt.
+    assert list(Effect.objects.values_list("key", flat=True)) == ["member"]
+    assert not TaskAttempt.objects.filter(outcome=TaskAttempt.Outcome.FAILED).exists()
