@@ -217,7 +217,7 @@ class Publisher:
                     outcome.failed[row.id] = f"{REFUSED}{missing[row.exchange]}"
                     continue
                 if row.queue in undeclared:
-                    outcome.failed[row.id] = f"cannot build the message: {undeclared[row.queue]!r}"
+                    outcome.failed[row.id] = undeclared[row.queue]
                     continue
                 try:
                     message = self._message(row)
@@ -339,16 +339,24 @@ class Publisher:
                     probe.close()
         return missing
 
-    def _declare_queues(self, names: set[str]) -> dict[str, Exception]:
-        """Declare the batch's queues this connection has not declared; return any failures."""
-        failed: dict[str, Exception] = {}
+    def _declare_queues(self, names: set[str]) -> dict[str, str]:
+        """Declare the batch's queues this connection has not declared; return why any could
+        not be, as their rows' ``last_error``.
+
+        Each is declared on a channel of its own, as exchanges are probed: a queue the broker
+        refuses to declare (one that exists with other arguments, ``PRECONDITION_FAILED``)
+        closes that channel, and its rows are set aside, not the batch failed.
+        """
+        failed: dict[str, str] = {}
         for name in names:
             try:
                 self._declare(name)
+            except self.channel_errors as exc:
+                failed[name] = f"{REFUSED}{exc}"
             except self.errors:
                 raise
             except Exception as exc:  # noqa: BLE001 - one bad queue must not stop the batch
-                failed[name] = exc
+                failed[name] = f"cannot build the message: {exc!r}"
         return failed
 
     def _declare(self, queue_name: str) -> None:
@@ -356,7 +364,15 @@ class Publisher:
             return
         queues = self.app.amqp.queues
         queue = queues[queue_name] if queue_name in queues else Queue(queue_name)
-        queue(self.channel).declare()
+        if not self._confirms:  # the embedded transport: no channel to lose
+            queue(self.channel).declare()
+        else:
+            channel: Any = self.connection.channel()
+            try:
+                queue(channel).declare()
+            finally:
+                with contextlib.suppress(*self.errors):
+                    channel.close()
         self._declared.add(queue_name)
 
     def _message(self, row: Row) -> amqp_frames.Message:
