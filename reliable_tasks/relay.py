@@ -42,7 +42,8 @@ from .retry import backoff
 logger = logging.getLogger("reliable_tasks.relay")
 
 NOTIFY_CHANNEL = "reliable_tasks_outbox"
-#: How ``last_error`` begins for a row the broker refused (a channel error, a missing exchange).
+#: How ``last_error`` begins for a row the broker refused: a channel error as it was published,
+#: a missing exchange, a queue the broker would not declare.
 REFUSED = "refused by the broker: "
 PERSISTENT = 2
 
@@ -328,16 +329,23 @@ class Publisher:
         for name in names - self._exchanges - {""}:
             if len(name.encode("utf-8", "surrogatepass")) > 255:
                 continue  # py-amqp cannot write the probe; the writer fails its rows alone
-            probe: Any = self.connection.channel()
             try:
-                probe.exchange_declare(name, "direct", passive=True)
+                with self._side_channel() as probe:
+                    probe.exchange_declare(name, "direct", passive=True)
                 self._exchanges.add(name)
             except self.channel_errors as exc:
                 missing[name] = str(exc)
-            finally:
-                with contextlib.suppress(*self.errors):
-                    probe.close()
         return missing
+
+    @contextmanager
+    def _side_channel(self) -> Iterator[Any]:
+        """A channel of its own for a check the broker may answer by closing it."""
+        channel: Any = self.connection.channel()
+        try:
+            yield channel
+        finally:
+            with contextlib.suppress(*self.errors):
+                channel.close()
 
     def _declare_queues(self, names: set[str]) -> dict[str, str]:
         """Declare the batch's queues this connection has not declared; return why any could
@@ -367,12 +375,8 @@ class Publisher:
         if not self._confirms:  # the embedded transport: no channel to lose
             queue(self.channel).declare()
         else:
-            channel: Any = self.connection.channel()
-            try:
+            with self._side_channel() as channel:
                 queue(channel).declare()
-            finally:
-                with contextlib.suppress(*self.errors):
-                    channel.close()
         self._declared.add(queue_name)
 
     def _message(self, row: Row) -> amqp_frames.Message:
@@ -494,9 +498,10 @@ class Waker:
 def _retried_alone(rows: list[Row]) -> list[Row]:
     """The rows to publish of a claim: a row the broker refused before goes out on its own.
 
-    A row the broker refuses with a channel error (a queue declared with other arguments) fails
-    every batch it is in: the claim rolls back, the connection is made again, the batch's rows
-    go out one at a time, and any the broker took already go out twice. Such a row is therefore
+    A row the broker refuses with a channel error as it is published (a message over its
+    ``max_message_size``) fails every batch it is in: the claim rolls back, the connection is
+    made again, the batch's rows go out one at a time, and any the broker took already go out
+    twice. Such a row is therefore
     published alone when it is due again, and the rows claimed after it are left, due, for the
     next claim; on PostgreSQL their locks go with the claim's commit. Rows nacked or not
     confirmed in time fail no batch, and go out in batches as before. Rows keep claim order.

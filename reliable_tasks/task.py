@@ -452,13 +452,14 @@ def _record_attempt(
     )  # fmt: skip
 
 
-def _database_down(task: ReliableTask, exc: Exception) -> NoReturn:
-    """The database is the ledger: without it nothing may run or be recorded.
+def _database_down(task: ReliableTask, exc: Exception, what: str = "database") -> NoReturn:
+    """The database is the ledger: without it nothing may run or be recorded (nor, for a
+    chord's member, without its result backend, ``what``).
 
     In atomic mode whatever ran was rolled back; in lease mode the lease runs out. The message
-    goes back to the queue and runs again when the database is back.
+    goes back to the queue, after a pause, and runs again when the service is back.
     """
-    log.for_task(logger, task).warning("database unavailable (%s); message requeued", exc)
+    log.for_task(logger, task).warning("%s unavailable (%s); message requeued", what, exc)
     time.sleep(DATABASE_DOWN_PAUSE)
     raise Reject(exc, requeue=True) from exc
 
@@ -946,12 +947,8 @@ def _counted_in_chord(task: ReliableTask, request: Any) -> bool:
     while True:
         try:
             status = task.backend.get_task_meta(request.id).get("status")
-        except Exception as exc:  # whatever the backend raises, the message goes back
-            log.for_task(logger, task).warning(
-                "result backend unavailable (%s); message requeued", exc
-            )
-            time.sleep(DATABASE_DOWN_PAUSE)
-            raise Reject(exc, requeue=True) from exc
+        except Exception as exc:  # noqa: BLE001 - whatever the backend raises, it goes back
+            _database_down(task, exc, "result backend")
         if status == states.SUCCESS:
             return True
         if time.monotonic() >= deadline:

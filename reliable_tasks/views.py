@@ -90,7 +90,7 @@ class _Collector:
         )
         yield GaugeMetricFamily(
             "reliable_tasks_outbox_oldest_failing_age_seconds",
-            "How long ago the oldest pending row whose last publish failed was enqueued.",
+            "How long the broker has refused the pending row it has refused longest.",
             value=s.oldest_failing_age_seconds or 0.0,
         )
         yield GaugeMetricFamily(
