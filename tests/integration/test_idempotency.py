@@ -963,3 +963,47 @@ def test_a_duplicate_chord_member_whose_result_backend_does_not_answer_goes_back
     # Nothing ran again, and the delivery is no failed attempt.
     assert list(Effect.objects.values_list("key", flat=True)) == ["member"]
     assert not TaskAttempt.objects.filter(outcome=TaskAttempt.Outcome.FAILED).exists()
+
+
+# Celery's Redis result backend stores with redis-py's setex, which redis-py deprecates.
+@pytest.mark.filterwarnings("ignore:Call to deprecated setex:DeprecationWarning")
+@pytest.mark.parametrize(
+    ("stored_after", "counted"),
+    [(0.3, False), (None, True)],
+    ids=["result-stored-meanwhile", "no-result"],
+)
+def test_a_duplicate_chord_member_waits_for_the_first_result_before_it_counts(
+    monkeypatch: pytest.MonkeyPatch, stored_after: float | None, counted: bool
+) -> None:
+    """A copy woken at the first delivery's commit comes before Celery stores that delivery's
+    result: it waits for it, and is not counted. With none within a second, the first delivery
+    died before its count, and the duplicate counts."""
+    from celery import states
+    from celery.app.trace import build_tracer
+    from celery.backends.redis import RedisBackend
+
+    assert record.apply(("member",), task_id="member").get() == "member"
+    backend = RedisBackend(app=record.app, url="redis://127.0.0.1:6379/14")
+    backend.forget("member")
+    joined = backend.get_key_for_group("chord-wait", ".j")
+    backend.client.delete(joined)
+    monkeypatch.setattr(record, "_backend", backend)
+    if stored_after is not None:
+        store = threading.Timer(
+            stored_after, backend.store_result, ("member", "member", states.SUCCESS)
+        )
+        store.start()
+    trace = build_tracer(record.name, record, app=record.app, eager=False, propagate=False)
+    request = {
+        "id": "member", "task": record.name, "group": "chord-wait", "group_index": 0,
+        "hostname": "w@test", "chord": record.si("body"), "delivery_info": {"redelivered": True},
+    }  # fmt: skip
+    try:
+        outcome = trace("member", ("member",), {}, request)
+        assert outcome.info is None or outcome.info.state == states.SUCCESS
+        # Celery's Redis backend keeps the members it counted under the group's '.j' key.
+        assert bool(backend.client.exists(joined)) is counted
+        assert list(Effect.objects.values_list("key", flat=True)) == ["member"]
+    finally:
+        backend.forget("member")
+        backend.client.delete(joined, backend.get_key_for_group("chord-wait", ".d"))
