@@ -413,8 +413,8 @@ def _record_requeue(
     task: ReliableTask, request: Any, exc: Exception, started_at: datetime, key: str
 ) -> None:
     """The database answers, yet a statement of the ledger failed: record why the message goes
-    back. An error that persists (a lock the claim times out on) ends as a crash loop's dead
-    task, whose attempts then say what kept failing."""
+    back. The record is what keeps its redelivery from counting towards a crash loop: an error
+    that persists (a lock the claim times out on) puts the message back until it goes."""
     from .models import TaskAttempt
 
     number = int(request.retries or 0) + 1
@@ -612,7 +612,9 @@ def _crash_loop(
     ``RELIABLE_TASKS_MAX_DELIVERIES`` of them make the task dead. A redelivery without a mark
     (the worker that died had only prefetched it, or it died after the execution ended) is
     recorded as ``redelivered``; the cache is never the truth, so these count too, against
-    ``UNMARKED_REDELIVERIES_FACTOR`` times the limit.
+    ``UNMARKED_REDELIVERIES_FACTOR`` times the limit. A redelivery without a mark whose last
+    recorded attempt is ``requeued`` (a statement of the ledger failed while the database
+    answered) counts nothing: that delivery ended, and a lock held for an hour is no crash loop.
     """
     request = task.request
     from . import dead
@@ -633,13 +635,26 @@ def _crash_loop(
         # row published it twice) or a delivery whose acknowledgement died with its worker.
         return True
     Outcome = TaskAttempt.Outcome
+    attempts = TaskAttempt.objects.using(conf.DATABASE)
+    requeued = (
+        attempts.filter(task_id=str(request.id))
+        .order_by("-id")
+        .values_list("outcome", flat=True)[:1]
+    )
+    if not interrupted and list(requeued) == [Outcome.REQUEUED]:
+        if interrupted is False:
+            # The delivery before this one ended: it put the message back because a statement
+            # of the ledger failed (recorded, with why). Not a crash, however often it happens.
+            return False
+        # The cache cannot say whether a delivery after that one started: counted, but only
+        # against the backstop's limit.
+        interrupted = False
     marked = interrupted is not False
     if interrupted:
         # The marks found were left by executions that died: counted now, so they go with this
         # execution's own, and a later redelivery is judged by its own predecessor only.
         writes.stale = list(writes.seen)
     with transaction.atomic(using=conf.DATABASE):
-        attempts = TaskAttempt.objects.using(conf.DATABASE)
         attempts.create(
             task_id=str(request.id), task_name=task.name, idempotency_key=key,
             number=int(request.retries or 0) + 1,

@@ -512,6 +512,48 @@ def test_a_crash_is_counted_once_and_a_later_redelivery_without_a_new_crash_is_u
     assert not DeadTask.objects.exists()
 
 
+def record_requeue(task_id: str) -> None:
+    """What a delivery leaves that put its message back because a ledger statement failed."""
+    TaskAttempt.objects.create(
+        task_id=task_id, task_name=write_then_fail.name, number=1,
+        outcome=TaskAttempt.Outcome.REQUEUED, message="canceling statement due to lock timeout",
+    )  # fmt: skip
+
+
+def crash_outcomes(task_id: str) -> list[str]:
+    attempts = TaskAttempt.objects.filter(task_id=task_id, outcome__in=["lost", "redelivered"])
+    return list(attempts.values_list("outcome", flat=True))
+
+
+@override_settings(RELIABLE_TASKS_MAX_DELIVERIES=1)
+def test_a_redelivery_after_a_recorded_requeue_counts_only_if_a_crash_may_have_come_after_it() -> (
+    None
+):
+    """The delivery before put the message back (recorded, with why): it ended, so its
+    redelivery counts nothing, however often. A mark says a delivery after it started and
+    died: counted. A cache that cannot say: counted against the backstop's limit only."""
+    for _ in range(4):  # beyond the limit and the backstop's (3)
+        record_requeue("requeued")
+        redeliver("requeued")
+    assert crash_outcomes("requeued") == []
+    assert not DeadTask.objects.exists()
+
+    record_requeue("then-died")
+    ledger.done_cache.start(
+        write_then_fail.name, "then-died", ledger.CacheWrites(task_id="then-died")
+    )
+    redeliver("then-died")
+    assert crash_outcomes("then-died") == ["lost"]
+    assert DeadTask.objects.get(task_id="then-died").reason == "crash_loop"
+
+    with override_settings(RELIABLE_TASKS_CACHE_ALIAS=None):
+        for expected_dead in (False, False, True):
+            record_requeue("unknown")
+            redeliver("unknown")
+            assert DeadTask.objects.filter(task_id="unknown").exists() is expected_dead
+    assert crash_outcomes("unknown") == ["redelivered"] * 3
+
+
 def test_a_requeued_dead_task_whose_expires_passed_is_sent_without_it_and_one_still_ahead_keeps_it(
     broker: Broker, relay: Relay
 ) -> None:
