@@ -27,6 +27,8 @@ class Setting:
     default: Any
     types: tuple[type, ...]
     doc: str
+    #: The smallest number accepted, for numeric settings that check it.
+    minimum: float | None = None
 
 
 SETTINGS: dict[str, Setting] = {
@@ -100,6 +102,14 @@ SETTINGS: dict[str, Setting] = {
         (int,),
         "Deliveries of one message without an outcome (worker killed) before it becomes a dead task.",
     ),
+    "DATABASE_DOWN_HOLD": Setting(
+        60.0,
+        (int, float),
+        "Seconds a worker holds a message whose execution found the database unreachable, "
+        "checking every second, before it puts the message back; it goes back at once when the "
+        "database answers. 0: put back after one second.",
+        minimum=0,
+    ),
     "MAX_RECORDED_ATTEMPTS": Setting(
         25, (int,), "Failed attempts kept per task id; older ones are dropped."
     ),
@@ -166,6 +176,11 @@ class Settings:
             raise ImproperlyConfigured(
                 f"RELIABLE_TASKS_{name} must be {expected}, not {type(value).__name__} "
                 f"({value!r}). {spec.doc} Default: {spec.default!r}."
+            )
+        if spec.minimum is not None and isinstance(value, int | float) and value < spec.minimum:
+            raise ImproperlyConfigured(
+                f"RELIABLE_TASKS_{name} must be at least {spec.minimum:g}, not {value!r}. "
+                f"{spec.doc} Default: {spec.default!r}."
             )
         return value
 

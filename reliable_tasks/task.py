@@ -403,7 +403,7 @@ def _execute_keyed(
         # failover, a killed session), SQLite's lock held elsewhere: the message goes back.
         if reachable and not _sqlite_busy(exc):
             _record_requeue(task, request, exc, started_at, key)
-        _database_down(task, exc)
+        _database_down(task, exc, reachable=reachable)
     except Exception as exc:  # noqa: BLE001 - every task error is recorded, then raised again
         _failed(task, exc, started_at, args, kwargs, key)
     raise AssertionError("not reached: the handlers above raise")  # pragma: no cover
@@ -452,15 +452,41 @@ def _record_attempt(
     )  # fmt: skip
 
 
-def _database_down(task: ReliableTask, exc: Exception, what: str = "database") -> NoReturn:
+def _database_down(
+    task: ReliableTask, exc: Exception, what: str = "database", *, reachable: bool | None = None
+) -> NoReturn:
     """The database is the ledger: without it nothing may run or be recorded (nor, for a
     chord's member, without its result backend, ``what``).
 
     In atomic mode whatever ran was rolled back; in lease mode the lease runs out. The message
-    goes back to the queue, after a pause, and runs again when the service is back.
+    goes back to the queue, after a pause, and runs again when the service is back. While the
+    database does not answer, the worker holds the message instead, up to
+    ``RELIABLE_TASKS_DATABASE_DOWN_HOLD``, and puts it back once it answers: an outage returns
+    the message once, not once a pause, and each return counts against a quorum queue's
+    delivery limit. ``reachable``: whether the database answered just now, if that is known.
     """
-    log.for_task(logger, task).warning("%s unavailable (%s); message requeued", what, exc)
-    time.sleep(DATABASE_DOWN_PAUSE)
+    task_log = log.for_task(logger, task)
+    hold = float(conf.DATABASE_DOWN_HOLD)
+    if (
+        what != "database"
+        or not hold
+        or (_database_reachable() if reachable is None else reachable)
+    ):
+        task_log.warning("%s unavailable (%s); message requeued", what, exc)
+        time.sleep(DATABASE_DOWN_PAUSE)
+        raise Reject(exc, requeue=True) from exc
+    task_log.warning(
+        "database unavailable (%s); holding the message until it answers (%g s at most)", exc, hold
+    )
+    deadline = time.monotonic() + hold
+    while True:
+        time.sleep(DATABASE_DOWN_PAUSE)
+        if _database_reachable():
+            task_log.info("database answers again; message requeued")
+            break
+        if time.monotonic() >= deadline:
+            task_log.warning("database still unavailable after %g s; message requeued", hold)
+            break
     raise Reject(exc, requeue=True) from exc
 
 

@@ -100,7 +100,26 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
 if os.environ.get("RT_TEST_RESULT_BACKEND"):
     CELERY_RESULT_BACKEND = os.environ["RT_TEST_RESULT_BACKEND"]
 
+# A worker of a test that consumes a quorum queue with a delivery limit, built by the topology
+# helper as a project would; the default queue stays declared beside it.
+if os.environ.get("RT_TEST_QUORUM_QUEUE"):
+    from kombu import Queue
+
+    from reliable_tasks.topology import quorum_queue
+
+    CELERY_TASK_QUEUES = [
+        Queue(os.environ["RT_TEST_QUEUE"]),
+        *quorum_queue(
+            os.environ["RT_TEST_QUORUM_QUEUE"],
+            delivery_limit=int(os.environ.get("RT_TEST_QUORUM_LIMIT", "1")),
+        ),
+    ]
+    # Celery's native delayed delivery, which a quorum queue turns on: classic queues, lighter
+    # on the test's broker (the test removes them).
+    CELERY_BROKER_NATIVE_DELAYED_DELIVERY_QUEUE_TYPE = "classic"
+
 RELIABLE_TASKS_RELAY_POLL_INTERVAL = float(os.environ.get("RT_TEST_RELAY_POLL_INTERVAL", "0.2"))
+RELIABLE_TASKS_DATABASE_DOWN_HOLD = float(os.environ.get("RT_TEST_DATABASE_DOWN_HOLD", "60"))
 RELIABLE_TASKS_MAX_DELIVERIES = int(os.environ.get("RT_TEST_MAX_DELIVERIES", "5"))
 RELIABLE_TASKS_RELAY_IN_WORKER = os.environ.get("RT_TEST_RELAY_IN_WORKER") == "1"
 RELIABLE_TASKS_RELAY_BATCH_SIZE = int(os.environ.get("RT_TEST_RELAY_BATCH_SIZE", "500"))

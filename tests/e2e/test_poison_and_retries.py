@@ -8,6 +8,7 @@ import signal
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.db import connection, transaction
@@ -187,13 +188,24 @@ def test_only_a_delivery_that_started_counts_towards_a_crash_loop(
     assert not DeadTask.objects.exists()
 
 
+def held(worker: Any, processes: ProcessFactory, seconds: float) -> None:
+    """The worker keeps the message it holds, unacknowledged, for ``seconds``: it does not put
+    it back (and take it again) once a second."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert queue_counts() == (0, 1), "the message must stay with the worker, unacknowledged"
+        time.sleep(0.25)
+    assert processes.log_of(worker).count("database unavailable") == 1
+
+
 @pytest.mark.postgres  # the outage is a cut proxy in front of PostgreSQL
-def test_a_message_put_back_while_the_database_is_down_runs_once_it_answers_and_is_not_lost(
+def test_a_worker_holds_a_message_while_the_database_is_down_and_runs_it_once_it_answers(
     broker: Broker, processes: ProcessFactory, signal_env: dict[str, str]
 ) -> None:
-    """The worker reaches PostgreSQL through a proxy that the test cuts: each delivery finds the
-    database gone and puts the message back. None of them counts as a lost delivery; the one
-    after the outage is recorded as unmarked, which counts only against three times the limit."""
+    """The worker reaches PostgreSQL through a proxy that the test cuts: the delivery finds the
+    database gone, and the worker holds the message until it answers, then puts it back once.
+    That delivery counts as no lost delivery; the one after the outage is recorded as
+    unmarked, which counts only against three times the limit."""
     proxy = TcpProxy(int(os.environ.get("PGPORT", "5432")))
     try:
         processes.relay()  # the relay reaches the database directly
@@ -202,10 +214,11 @@ def test_a_message_put_back_while_the_database_is_down_runs_once_it_answers_and_
         worker = processes.worker(env=env)
         task_id = record.delay("through-an-outage").id
         wait_for(
-            lambda: processes.log_of(worker).count("database unavailable") >= 3,
+            lambda: "holding the message" in processes.log_of(worker),
             timeout=60,
-            what="the worker to put the message back three times",
+            what="the worker to hold the message",
         )
+        held(worker, processes, 4.0)
         assert not effects("through-an-outage")
         proxy.restore()
         wait_for(
@@ -214,10 +227,43 @@ def test_a_message_put_back_while_the_database_is_down_runs_once_it_answers_and_
         wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")
     finally:
         proxy.close()
+    assert "database answers again; message requeued" in processes.log_of(worker)
     assert effects("through-an-outage") == ["through-an-outage"]
-    # Each execution during the outage ended and removed its mark.
+    # The execution during the outage ended and removed its mark.
     outcomes = list(TaskAttempt.objects.filter(task_id=task_id).values_list("outcome", flat=True))
     assert outcomes == ["redelivered"]
+    assert not DeadTask.objects.exists()
+
+
+@pytest.mark.postgres  # the outage is a cut proxy in front of PostgreSQL
+def test_a_message_held_longer_than_the_hold_goes_back_and_is_held_again(
+    broker: Broker, processes: ProcessFactory
+) -> None:
+    """RELIABLE_TASKS_DATABASE_DOWN_HOLD bounds the hold: past it the message goes back to the
+    queue, and the next delivery, still without a database, is held again."""
+    proxy = TcpProxy(int(os.environ.get("PGPORT", "5432")))
+    try:
+        processes.relay()
+        proxy.cut()
+        worker = processes.worker(
+            env={"PGPORT": str(proxy.port), "RT_TEST_DATABASE_DOWN_HOLD": "1.5"}
+        )
+        record.delay("past-the-hold")
+        wait_for(
+            lambda: processes.log_of(worker).count("holding the message") >= 2,
+            timeout=60,
+            what="the worker to put the message back after the hold and hold it again",
+        )
+        assert "database still unavailable after 1.5 s; message requeued" in processes.log_of(
+            worker
+        )
+        assert not effects("past-the-hold")
+        proxy.restore()
+        wait_for(lambda: effects("past-the-hold"), timeout=60, what="the task to run afterwards")
+        wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")
+    finally:
+        proxy.close()
+    assert effects("past-the-hold") == ["past-the-hold"]
     assert not DeadTask.objects.exists()
 
 

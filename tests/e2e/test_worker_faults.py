@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import os
+import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from celery import chain
 from django.db import connection
+from kombu import Producer
+from kombu.transport import native_delayed_delivery
 
 from reliable_tasks.models import DeadTask, IdempotencyKey, OutboxMessage, TaskAttempt
 from reliable_tasks.relay import Relay
-from tests.e2e.test_idempotency_faults import drained, observed, queue_counts
+from reliable_tasks.topology import quorum_queue
+from tests.e2e.test_idempotency_faults import drained, observed
+from tests.e2e.test_poison_and_retries import held
 from tests.support import Broker, ProcessFactory, TcpProxy, effects, wait_for
 from tests.testapp.tasks import dies_after_its_commit, record, two_steps
 
@@ -24,7 +32,8 @@ def test_a_worker_that_loses_the_database_mid_task_puts_the_message_back_and_run
 ) -> None:
     """Only the worker's way to PostgreSQL is cut (the test and the relay keep theirs), while
     the task's first write waits uncommitted. The worker neither acknowledges the message nor
-    hands the outage to the retry policy: it puts the message back until the database answers."""
+    hands the outage to the retry policy: it holds the message until the database answers, then
+    puts it back."""
     database = connection.settings_dict
     proxy = TcpProxy(int(database["PORT"]), database["HOST"])
     try:
@@ -43,13 +52,13 @@ def test_a_worker_that_loses_the_database_mid_task_puts_the_message_back_and_run
             what="the task to write its first part",
         )
         proxy.cut()
-        # The interrupted execution and at least two deliveries after it found no database.
+        # The interrupted execution found no database: the worker holds the message.
         wait_for(
-            lambda: processes.log_of(worker).count("database unavailable") >= 3,
+            lambda: "holding the message" in processes.log_of(worker),
             timeout=30,
-            what="the worker to put the message back three times",
+            what="the worker to hold the message",
         )
-        assert sum(queue_counts()) == 1, "the message must stay in RabbitMQ during the outage"
+        held(worker, processes, 3.0)
         assert not effects("outage")
         proxy.restore()
         wait_for(lambda: effects("outage:part2"), timeout=60, what="the task to run after")
@@ -65,6 +74,65 @@ def test_a_worker_that_loses_the_database_mid_task_puts_the_message_back_and_run
     assert OutboxMessage.objects.count() == 1
     assert not DeadTask.objects.exists()
     assert worker.poll() is None
+
+
+@pytest.mark.postgres  # the outage is a cut proxy in front of PostgreSQL
+def test_a_database_outage_does_not_spend_a_quorum_queues_delivery_limit(
+    broker: Broker, processes: ProcessFactory
+) -> None:
+    """A quorum queue counts every message put back against its delivery limit (here 1, as
+    ``reliable_tasks.topology.quorum_queue`` builds it) and then dead-letters the message. A
+    worker that put the message back once a second while the database is down would have it
+    dead-lettered in two; held, it goes back once, when the database answers, and runs."""
+    name = f"rt-tests-quorum-{uuid.uuid4().hex[:8]}"
+    queue, dead_letters = quorum_queue(name, delivery_limit=1)
+    queue(broker.channel).declare()
+    dead_letters(broker.channel).declare()
+    proxy = TcpProxy(int(os.environ.get("PGPORT", "5432")))
+    worker = None
+    try:
+        proxy.cut()
+        worker = processes.worker(
+            name,
+            env={
+                "PGPORT": str(proxy.port),
+                "RT_TEST_QUORUM_QUEUE": name,
+                "RT_TEST_QUORUM_LIMIT": "1",
+            },
+        )
+        Producer(broker.channel).publish(
+            json.dumps([["through-quorum"], {}, {}]), routing_key=name, exchange=name,
+            headers={"id": str(uuid.uuid4()), "task": record.name, "lang": "py", "retries": 0},
+            content_type="application/json", content_encoding="utf-8", delivery_mode=2,
+        )  # fmt: skip
+        wait_for(
+            lambda: "holding the message" in processes.log_of(worker),
+            timeout=60,
+            what="the worker to hold the message",
+        )
+        time.sleep(4.0)  # four times the pause after which the message used to go back
+        assert broker.channel.queue_declare(dead_letters.name, passive=True).message_count == 0
+        proxy.restore()
+        wait_for(lambda: effects("through-quorum"), timeout=60, what="the task to run")
+        assert effects("through-quorum") == ["through-quorum"]
+        assert processes.log_of(worker).count("database unavailable") == 1
+    finally:
+        proxy.close()
+        if worker is not None:
+            processes.kill(worker)  # before the clean-up: it declares what goes
+        broker.channel.queue_delete(name)
+        broker.channel.queue_delete(dead_letters.name)
+        remove_native_delayed_delivery(broker)
+
+
+def remove_native_delayed_delivery(broker: Broker) -> None:
+    """What Celery's worker declares when its configuration has a quorum queue (the exchanges
+    and queues of its native delayed delivery), removed so that no later test's broker restart
+    has them to recover."""
+    for level in range(native_delayed_delivery.MAX_LEVEL + 1):
+        broker.channel.queue_delete(native_delayed_delivery.level_name(level))
+        broker.channel.exchange_delete(native_delayed_delivery.level_name(level))
+    broker.channel.exchange_delete(native_delayed_delivery.CELERY_DELAYED_DELIVERY_EXCHANGE)
 
 
 @pytest.mark.parametrize("follow_up", ["link", "chain"])

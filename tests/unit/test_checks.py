@@ -6,6 +6,7 @@ django_db mark): a check that queried it would fail here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -15,11 +16,13 @@ import pytest
 from django.conf import settings
 from django.core import mail
 from django.core.checks import CheckMessage, run_checks
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.test import override_settings
 from kombu import Exchange, Queue
 
 from reliable_tasks.checks import TAG
+from reliable_tasks.conf import conf
 from tests.celery_app import app
 
 RECORD = "tests.testapp.tasks.record"
@@ -130,12 +133,24 @@ def test_a_retention_that_is_no_timedelta_is_error_e001(name: str) -> None:
         ("RELAY_PUBLISH_RETRY_BACKOFF", (1.0,)),
         ("RETRY_POLICY", {"max_attempts": 0}),
         ("RETRY_POLICY", {"attempts": 3}),
+        ("DATABASE_DOWN_HOLD", -1),
+        ("DATABASE_DOWN_HOLD", "60"),
     ],
 )
 def test_any_setting_conf_refuses_is_error_e001_naming_it(name: str, value: Any) -> None:
     with override_settings(**{f"RELIABLE_TASKS_{name}": value}):
         error = only("reliable_tasks.E001")
     assert f"RELIABLE_TASKS_{name}" in error.msg
+
+
+def test_a_setting_below_its_minimum_is_refused_with_the_minimum_named() -> None:
+    with override_settings(RELIABLE_TASKS_DATABASE_DOWN_HOLD=-0.5):
+        error = only("reliable_tasks.E001")
+        with pytest.raises(ImproperlyConfigured, match=re.escape("at least 0, not -0.5")):
+            _ = conf.DATABASE_DOWN_HOLD
+    assert "RELIABLE_TASKS_DATABASE_DOWN_HOLD must be at least 0, not -0.5" in error.msg
+    with override_settings(RELIABLE_TASKS_DATABASE_DOWN_HOLD=0):
+        assert conf.DATABASE_DOWN_HOLD == 0
 
 
 def test_each_bad_setting_gets_its_own_e001() -> None:
