@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from celery import Task, shared_task, signature, states
 from celery.backends.rpc import RPCBackend
-from celery.exceptions import Ignore, Reject
+from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 from celery.exceptions import Retry as CeleryRetry
 from celery.result import AsyncResult
 from celery.utils.time import maybe_make_aware
@@ -326,6 +326,7 @@ def _execute(task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     started_at = timezone.now()
     # Celery's request is a lookup in a thread-local stack: taken once, then passed along.
     request = cast(Any, task.request)
+    request.reliable_started = time.monotonic()
     writes = request.reliable_cache_writes = ledger.CacheWrites(task_id=str(request.id))
     succeeded = False
     try:
@@ -463,31 +464,67 @@ def _database_down(
     database does not answer, the worker holds the message instead, up to
     ``RELIABLE_TASKS_DATABASE_DOWN_HOLD``, and puts it back once it answers: an outage returns
     the message once, not once a pause, and each return counts against a quorum queue's
-    delivery limit. ``reachable``: whether the database answered just now, if that is known.
+    delivery limit. The hold ends before the execution's time limit, which would otherwise fail
+    the task (soft) or kill its process (hard) for the outage. ``reachable``: whether the
+    database answered just now, if that is known.
     """
     task_log = log.for_task(logger, task)
     hold = float(conf.DATABASE_DOWN_HOLD)
-    if (
-        what != "database"
-        or not hold
-        or (_database_reachable() if reachable is None else reachable)
-    ):
-        task_log.warning("%s unavailable (%s); message requeued", what, exc)
-        time.sleep(DATABASE_DOWN_PAUSE)
-        raise Reject(exc, requeue=True) from exc
-    task_log.warning(
-        "database unavailable (%s); holding the message until it answers (%g s at most)", exc, hold
-    )
-    deadline = time.monotonic() + hold
-    while True:
-        time.sleep(DATABASE_DOWN_PAUSE)
-        if _database_reachable():
-            task_log.info("database answers again; message requeued")
-            break
-        if time.monotonic() >= deadline:
-            task_log.warning("database still unavailable after %g s; message requeued", hold)
-            break
+    left = _time_left(task)
+    if left is not None:
+        hold = min(hold, left - 2 * DATABASE_DOWN_PAUSE)
+    try:
+        if (
+            what != "database"
+            or hold <= 0
+            or (_database_reachable() if reachable is None else reachable)
+        ):
+            task_log.warning("%s unavailable (%s); message requeued", what, exc)
+            time.sleep(
+                min(DATABASE_DOWN_PAUSE, left / 2) if left is not None else DATABASE_DOWN_PAUSE
+            )
+            raise Reject(exc, requeue=True) from exc
+        task_log.warning(
+            "database unavailable (%s); holding the message until it answers (%g s at most)",
+            exc,
+            hold,
+        )
+        deadline = time.monotonic() + hold
+        while True:
+            time.sleep(DATABASE_DOWN_PAUSE)
+            if _database_reachable():
+                task_log.info("database answers again; message requeued")
+                break
+            if time.monotonic() >= deadline:
+                task_log.warning("database still unavailable after %g s; message requeued", hold)
+                break
+    except SoftTimeLimitExceeded:
+        task_log.warning(
+            "soft time limit reached while the database was unavailable; message requeued"
+        )
     raise Reject(exc, requeue=True) from exc
+
+
+def _time_left(task: ReliableTask) -> float | None:
+    """Seconds before the first time limit of the execution in hand, if it has one: the
+    message's own, else the task's, else the worker's (Celery's settings)."""
+    request = cast(Any, task.request)
+    started = getattr(request, "reliable_started", None)
+    if started is None:
+        return None
+    hard, soft = getattr(request, "timelimit", None) or (None, None)
+    app_conf = task.app.conf
+    limits = [
+        limit
+        for limit in (
+            hard or task.time_limit or app_conf.task_time_limit,
+            soft or task.soft_time_limit or app_conf.task_soft_time_limit,
+        )
+        if limit
+    ]
+    if not limits:
+        return None
+    return max(0.0, float(min(limits)) - (time.monotonic() - float(started)))
 
 
 def _database_reachable() -> bool:

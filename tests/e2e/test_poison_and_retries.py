@@ -267,6 +267,41 @@ def test_a_message_held_longer_than_the_hold_goes_back_and_is_held_again(
     assert not DeadTask.objects.exists()
 
 
+@pytest.mark.postgres  # the outage is a cut proxy in front of PostgreSQL
+def test_the_hold_ends_before_the_tasks_time_limit(
+    broker: Broker, processes: ProcessFactory
+) -> None:
+    """A task with time limits (4 s soft, 5 s hard, from the message): a hold of a minute would
+    have the soft limit fail the task, whose message would then be acknowledged, or the hard
+    limit kill its process. The hold ends two pauses before the first limit instead."""
+    proxy = TcpProxy(int(os.environ.get("PGPORT", "5432")))
+    try:
+        processes.relay()
+        proxy.cut()
+        worker = processes.worker(env={"PGPORT": str(proxy.port)})
+        task_id = record.apply_async(("time-limited",), soft_time_limit=4, time_limit=5).id
+        wait_for(
+            lambda: "holding the message" in processes.log_of(worker),
+            timeout=60,
+            what="the worker to hold the message",
+        )
+        time.sleep(8.0)  # past both limits of the first delivery
+        proxy.restore()
+        wait_for(lambda: effects("time-limited"), timeout=60, what="the task to run afterwards")
+        wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")
+    finally:
+        proxy.close()
+    log = processes.log_of(worker)
+    assert log.count("database still unavailable after") >= 2
+    assert "SoftTimeLimitExceeded" not in log
+    assert "soft time limit reached" not in log
+    assert "Hard time limit" not in log
+    assert effects("time-limited") == ["time-limited"]
+    outcomes = set(TaskAttempt.objects.filter(task_id=task_id).values_list("outcome", flat=True))
+    assert outcomes <= {TaskAttempt.Outcome.REDELIVERED}
+    assert not DeadTask.objects.exists()
+
+
 def publish_raw(
     broker: Broker,
     body: bytes | str,
