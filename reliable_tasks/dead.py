@@ -83,10 +83,14 @@ def attempts_of(task_id: str) -> list[dict[str, Any]]:
     ]
 
 
-def trim_attempts(task_id: str, *, newest: int) -> None:
-    """Keep the latest ``RELIABLE_TASKS_MAX_RECORDED_ATTEMPTS`` attempts of a task id."""
+def trim_attempts(task_id: str, *, newest: int | None) -> None:
+    """Keep the latest ``RELIABLE_TASKS_MAX_RECORDED_ATTEMPTS`` attempts of a task id.
+
+    ``newest``: the number of the attempt just recorded, when it tells how many there are;
+    None looks (requeued deliveries all carry the number of the attempt they put back).
+    """
     keep = conf.MAX_RECORDED_ATTEMPTS
-    if newest <= keep:
+    if newest is not None and newest <= keep:
         return  # fewer attempts than the limit: nothing to drop, no query
     attempts = TaskAttempt.objects.using(conf.DATABASE).filter(task_id=task_id)
     old = list(attempts.order_by("-id").values_list("pk", flat=True)[keep:])

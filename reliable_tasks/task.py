@@ -416,11 +416,14 @@ def _record_requeue(
     """The database answers, yet a statement of the ledger failed: record why the message goes
     back. The record is what keeps its redelivery from counting towards a crash loop: an error
     that persists (a lock the claim times out on) puts the message back until it goes."""
+    from . import dead
     from .models import TaskAttempt
 
     number = int(request.retries or 0) + 1
     try:
         _record_attempt(task, request, key, number, TaskAttempt.Outcome.REQUEUED, exc, started_at)
+        # A lock held for an hour puts the message back thousands of times: the latest are kept.
+        dead.trim_attempts(str(request.id), newest=None)
     except DatabaseError:  # the requeue goes ahead: the error is in the log
         log.for_task(logger, task, key).warning("could not record the requeue", exc_info=True)
 
