@@ -7,6 +7,7 @@ No other module of the package touches ``django.conf.settings``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -177,10 +178,14 @@ class Settings:
                 f"RELIABLE_TASKS_{name} must be {expected}, not {type(value).__name__} "
                 f"({value!r}). {spec.doc} Default: {spec.default!r}."
             )
-        if spec.minimum is not None and isinstance(value, int | float) and value < spec.minimum:
+        if (
+            spec.minimum is not None
+            and isinstance(value, int | float)
+            and not (math.isfinite(value) and value >= spec.minimum)
+        ):
             raise ImproperlyConfigured(
-                f"RELIABLE_TASKS_{name} must be at least {spec.minimum:g}, not {value!r}. "
-                f"{spec.doc} Default: {spec.default!r}."
+                f"RELIABLE_TASKS_{name} must be a finite number of at least {spec.minimum:g}, "
+                f"not {value!r}. {spec.doc} Default: {spec.default!r}."
             )
         return value
 

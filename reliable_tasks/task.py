@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from celery import Task, shared_task, signature, states
+from celery import signals as celery_signals
 from celery.backends.rpc import RPCBackend
 from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 from celery.exceptions import Retry as CeleryRetry
@@ -85,6 +86,9 @@ class ReliableTask(Task[Any, Any]):
     # both, a crash loses the task. Idempotent execution makes the redelivery safe.
     acks_late = True
     reject_on_worker_lost = True
+    # A hard time limit kills the process: the message goes back, like a worker lost, and
+    # counts towards a crash loop (Celery 5.7 and later; earlier ones acknowledge it).
+    acks_on_timeout = False
     serializer = outbox.SERIALIZER
     atomic: bool = True
     lease: float | None = None
@@ -120,6 +124,12 @@ class ReliableTask(Task[Any, Any]):
                     f"task {cls.__dict__.get('name', cls.__name__)!r} sets {option}=False; reliable tasks always "
                     "acknowledge late and requeue on worker loss, or a crash would lose them. Remove the option."
                 )
+        if cls.__dict__.get("acks_on_timeout") is True:
+            raise ImproperlyConfigured(
+                f"task {cls.__dict__.get('name', cls.__name__)!r} sets acks_on_timeout=True; a reliable task "
+                "killed by its hard time limit goes back to the queue, or the timeout would lose it. "
+                "Remove the option."
+            )
 
     @property
     def idempotency_key(self) -> str | None:
@@ -328,11 +338,19 @@ def _execute(task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     request = cast(Any, task.request)
     request.reliable_started = time.monotonic()
     writes = request.reliable_cache_writes = ledger.CacheWrites(task_id=str(request.id))
-    succeeded = False
+    succeeded, ended = False, True
     try:
         result = _execute_keyed(task, request, args, kwargs, started_at, writes)
         succeeded = True
         return result
+    except Exception:
+        raise
+    except BaseException:
+        # The process is being ended under the execution (SystemExit: Celery's hard time limit
+        # sends SIGTERM before SIGKILL; a cold shutdown): it did not end. Its started mark stays,
+        # and its redelivery counts it as a lost delivery, as if the process had just died.
+        ended = False
+        raise
     finally:
         # Best effort, and never in the way of the task's own outcome.
         try:
@@ -340,7 +358,8 @@ def _execute(task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]) 
         except Exception:  # noqa: BLE001 - a metric failure must not replace the outcome
             log.for_task(logger, task).warning("timings not recorded", exc_info=True)
         try:
-            ledger.done_cache.finish(writes, wait=not succeeded)
+            if ended:
+                ledger.done_cache.finish(writes, wait=not succeeded)
         except Exception:  # noqa: BLE001 - a cache failure must not replace the outcome
             log.for_task(logger, task).warning("cache writes at the end failed", exc_info=True)
 
@@ -394,7 +413,10 @@ def _execute_keyed(
     except _CONTROL_FLOW:
         raise
     except (OperationalError, InterfaceError) as exc:
-        reachable = _database_reachable()  # and a lost connection is made again
+        try:
+            reachable = _database_reachable()  # and a lost connection is made again
+        except SoftTimeLimitExceeded:
+            _soft_limit_reached(task, exc)
         if reachable and getattr(request, "reliable_in_body", False):
             # The database answers: this was the task's own query failing (a deadlock, a
             # statement timeout), an error like any other for the retry policy.
@@ -404,7 +426,7 @@ def _execute_keyed(
         # failover, a killed session), SQLite's lock held elsewhere: the message goes back.
         if reachable and not _sqlite_busy(exc):
             _record_requeue(task, request, exc, started_at, key)
-        _database_down(task, exc, reachable=reachable)
+        _database_down(task, exc, reachable=reachable, started_at=started_at, key=key)
     except Exception as exc:  # noqa: BLE001 - every task error is recorded, then raised again
         _failed(task, exc, started_at, args, kwargs, key)
     raise AssertionError("not reached: the handlers above raise")  # pragma: no cover
@@ -426,6 +448,8 @@ def _record_requeue(
         dead.trim_attempts(str(request.id), newest=None)
     except DatabaseError:  # the requeue goes ahead: the error is in the log
         log.for_task(logger, task, key).warning("could not record the requeue", exc_info=True)
+    except SoftTimeLimitExceeded:
+        _soft_limit_reached(task, exc)
 
 
 def _sqlite_busy(exc: Exception) -> bool:
@@ -457,7 +481,13 @@ def _record_attempt(
 
 
 def _database_down(
-    task: ReliableTask, exc: Exception, what: str = "database", *, reachable: bool | None = None
+    task: ReliableTask,
+    exc: Exception,
+    what: str = "database",
+    *,
+    reachable: bool | None = None,
+    started_at: datetime | None = None,
+    key: str = "",
 ) -> NoReturn:
     """The database is the ledger: without it nothing may run or be recorded (nor, for a
     chord's member, without its result backend, ``what``).
@@ -467,13 +497,19 @@ def _database_down(
     database does not answer, the worker holds the message instead, up to
     ``RELIABLE_TASKS_DATABASE_DOWN_HOLD``, and puts it back once it answers: an outage returns
     the message once, not once a pause, and each return counts against a quorum queue's
-    delivery limit. The hold ends before the execution's time limit, which would otherwise fail
-    the task (soft) or kill its process (hard) for the outage. ``reachable``: whether the
-    database answered just now, if that is known.
+    delivery limit. Once it answers the requeue is recorded (``started_at``, ``key``), so that
+    the redelivery does not count towards a crash loop. The hold ends before the execution's
+    time limit, which would otherwise fail the task (soft) or kill its process (hard).
+    ``reachable``: whether the database answered just now, if that is known. An eager call
+    (``apply()``) neither pauses nor holds.
     """
+    request = cast(Any, task.request)
+    if request.is_eager:
+        raise Reject(exc, requeue=True) from exc
     task_log = log.for_task(logger, task)
     hold = float(conf.DATABASE_DOWN_HOLD)
     left = _time_left(task)
+    pause = DATABASE_DOWN_PAUSE if left is None else min(DATABASE_DOWN_PAUSE, left / 2)
     if left is not None:
         hold = min(hold, left - 2 * DATABASE_DOWN_PAUSE)
     try:
@@ -483,9 +519,7 @@ def _database_down(
             or (_database_reachable() if reachable is None else reachable)
         ):
             task_log.warning("%s unavailable (%s); message requeued", what, exc)
-            time.sleep(
-                min(DATABASE_DOWN_PAUSE, left / 2) if left is not None else DATABASE_DOWN_PAUSE
-            )
+            time.sleep(pause)
             raise Reject(exc, requeue=True) from exc
         task_log.warning(
             "database unavailable (%s); holding the message until it answers (%g s at most)",
@@ -494,34 +528,63 @@ def _database_down(
         )
         deadline = time.monotonic() + hold
         while True:
-            time.sleep(DATABASE_DOWN_PAUSE)
+            time.sleep(max(0.0, min(DATABASE_DOWN_PAUSE, deadline - time.monotonic())))
             if _database_reachable():
                 task_log.info("database answers again; message requeued")
+                if started_at is not None:
+                    _record_requeue(task, request, exc, started_at, key)
                 break
             if time.monotonic() >= deadline:
                 task_log.warning("database still unavailable after %g s; message requeued", hold)
                 break
     except SoftTimeLimitExceeded:
-        task_log.warning(
-            "soft time limit reached while the database was unavailable; message requeued"
-        )
+        _soft_limit_reached(task, exc)
     raise Reject(exc, requeue=True) from exc
+
+
+def _soft_limit_reached(task: ReliableTask, exc: Exception) -> NoReturn:
+    """The soft time limit came while the message was on its way back for a database error:
+    it goes back all the same (failing the task for it would acknowledge a message whose task
+    never ran)."""
+    log.for_task(logger, task).warning(
+        "soft time limit reached while the database was unavailable; message requeued"
+    )
+    raise Reject(exc, requeue=True) from exc
+
+
+#: The time limits the worker was started with (``--time-limit``, ``--soft-time-limit``, or
+#: Celery's settings), set in its main process before the pool's processes are made.
+_worker_time_limits: tuple[float | None, float | None] = (None, None)
+
+
+def _remember_worker_time_limits(sender: Any = None, **kwargs: Any) -> None:
+    global _worker_time_limits
+    _worker_time_limits = (
+        getattr(sender, "time_limit", None),
+        getattr(sender, "soft_time_limit", None),
+    )
+
+
+celery_signals.worker_init.connect(
+    _remember_worker_time_limits, weak=False, dispatch_uid="rt-worker-time-limits"
+)
 
 
 def _time_left(task: ReliableTask) -> float | None:
     """Seconds before the first time limit of the execution in hand, if it has one: the
-    message's own, else the task's, else the worker's (Celery's settings)."""
+    message's own, else the task's, else the worker's."""
     request = cast(Any, task.request)
     started = getattr(request, "reliable_started", None)
     if started is None:
         return None
     hard, soft = getattr(request, "timelimit", None) or (None, None)
     app_conf = task.app.conf
+    worker_hard, worker_soft = _worker_time_limits
     limits = [
         limit
         for limit in (
-            hard or task.time_limit or app_conf.task_time_limit,
-            soft or task.soft_time_limit or app_conf.task_soft_time_limit,
+            hard or task.time_limit or worker_hard or app_conf.task_time_limit,
+            soft or task.soft_time_limit or worker_soft or app_conf.task_soft_time_limit,
         )
         if limit
     ]
@@ -679,8 +742,10 @@ def _crash_loop(
     (the worker that died had only prefetched it, or it died after the execution ended) is
     recorded as ``redelivered``; the cache is never the truth, so these count too, against
     ``UNMARKED_REDELIVERIES_FACTOR`` times the limit. A redelivery without a mark whose last
-    recorded attempt is ``requeued`` (a statement of the ledger failed while the database
-    answered) counts nothing: that delivery ended, and a lock held for an hour is no crash loop.
+    recorded attempt is ``requeued`` (a statement of the ledger failed, or the database was
+    down, and the delivery put the message back) is recorded as ``redelivered`` and paid for by
+    that requeue: each requeue makes one unmarked redelivery free, so a lock held for an hour is
+    no crash loop, and the backstop still ends a loop that goes on after it.
     """
     request = task.request
     from . import dead
@@ -702,18 +767,14 @@ def _crash_loop(
         return True
     Outcome = TaskAttempt.Outcome
     attempts = TaskAttempt.objects.using(conf.DATABASE)
-    requeued = (
+    last = (
         attempts.filter(task_id=str(request.id))
         .order_by("-id")
         .values_list("outcome", flat=True)[:1]
     )
-    if not interrupted and list(requeued) == [Outcome.REQUEUED]:
-        if interrupted is False:
-            # The delivery before this one ended: it put the message back because a statement
-            # of the ledger failed (recorded, with why). Not a crash, however often it happens.
-            return False
-        # The cache cannot say whether a delivery after that one started: counted, but only
-        # against the backstop's limit.
+    if interrupted is None and list(last) == [Outcome.REQUEUED]:
+        # The delivery before this one put the message back, recorded: without the cache's
+        # word, this is its redelivery.
         interrupted = False
     marked = interrupted is not False
     if interrupted:
@@ -731,13 +792,15 @@ def _crash_loop(
             "had only prefetched it, or died after the execution ended)",
             worker=request.hostname or socket.gethostname(),
         )  # fmt: skip
+        counted = [Outcome.LOST, Outcome.REDELIVERED, Outcome.REQUEUED]
         counts = dict(
-            attempts.filter(task_id=str(request.id), outcome__in=[Outcome.LOST, Outcome.REDELIVERED])
+            attempts.filter(task_id=str(request.id), outcome__in=counted)
             .values_list("outcome")
             .annotate(n=Count("id"))
         )  # fmt: skip
         lost = counts.get(Outcome.LOST, 0)
-        unmarked = counts.get(Outcome.REDELIVERED, 0)
+        # Each delivery that put the message back, recorded, explains one redelivery.
+        unmarked = max(0, counts.get(Outcome.REDELIVERED, 0) - counts.get(Outcome.REQUEUED, 0))
         limit = conf.MAX_DELIVERIES
         if lost < limit and lost + unmarked < limit * UNMARKED_REDELIVERIES_FACTOR:
             return False

@@ -526,16 +526,15 @@ def crash_outcomes(task_id: str) -> list[str]:
 
 
 @override_settings(RELIABLE_TASKS_MAX_DELIVERIES=1)
-def test_a_redelivery_after_a_recorded_requeue_counts_only_if_a_crash_may_have_come_after_it() -> (
-    None
-):
-    """The delivery before put the message back (recorded, with why): it ended, so its
-    redelivery counts nothing, however often. A mark says a delivery after it started and
-    died: counted. A cache that cannot say: counted against the backstop's limit only."""
-    for _ in range(4):  # beyond the limit and the backstop's (3)
+def test_each_recorded_requeue_pays_for_one_unmarked_redelivery() -> None:
+    """A delivery that put its message back (recorded, with why) ended: the redelivery after it
+    is recorded but not counted, however often the two alternate. A mark says a delivery after
+    it started and died: counted. The requeue pays for one redelivery only: unmarked ones that
+    follow count towards the backstop (three times the limit) as before."""
+    for _ in range(5):  # beyond the limit and the backstop's (3)
         record_requeue("requeued")
         redeliver("requeued")
-    assert crash_outcomes("requeued") == []
+    assert crash_outcomes("requeued") == ["redelivered"] * 5
     assert not DeadTask.objects.exists()
 
     record_requeue("then-died")
@@ -546,12 +545,20 @@ def test_a_redelivery_after_a_recorded_requeue_counts_only_if_a_crash_may_have_c
     assert crash_outcomes("then-died") == ["lost"]
     assert DeadTask.objects.get(task_id="then-died").reason == "crash_loop"
 
-    with override_settings(RELIABLE_TASKS_CACHE_ALIAS=None):
-        for expected_dead in (False, False, True):
-            record_requeue("unknown")
-            redeliver("unknown")
-            assert DeadTask.objects.filter(task_id="unknown").exists() is expected_dead
-    assert crash_outcomes("unknown") == ["redelivered"] * 3
+    record_requeue("then-looped")
+    for expected_dead in (False, False, False, True):  # the first is paid for
+        redeliver("then-looped")
+        assert DeadTask.objects.filter(task_id="then-looped").exists() is expected_dead
+
+    with override_settings(RELIABLE_TASKS_CACHE_ALIAS=None):  # no marks: the records decide
+        for _ in range(5):
+            record_requeue("no-cache")
+            redeliver("no-cache")
+        assert crash_outcomes("no-cache") == ["redelivered"] * 5
+        assert not DeadTask.objects.filter(task_id="no-cache").exists()
+        redeliver("no-cache")  # no requeue before it: the cache cannot say, so it counts as lost
+        assert crash_outcomes("no-cache")[-1] == "lost"
+        assert DeadTask.objects.get(task_id="no-cache").reason == "crash_loop"
 
 
 def test_a_requeued_dead_task_whose_expires_passed_is_sent_without_it_and_one_still_ahead_keeps_it(

@@ -135,6 +135,8 @@ def test_a_retention_that_is_no_timedelta_is_error_e001(name: str) -> None:
         ("RETRY_POLICY", {"attempts": 3}),
         ("DATABASE_DOWN_HOLD", -1),
         ("DATABASE_DOWN_HOLD", "60"),
+        ("DATABASE_DOWN_HOLD", float("nan")),
+        ("DATABASE_DOWN_HOLD", float("inf")),
     ],
 )
 def test_any_setting_conf_refuses_is_error_e001_naming_it(name: str, value: Any) -> None:
@@ -146,9 +148,14 @@ def test_any_setting_conf_refuses_is_error_e001_naming_it(name: str, value: Any)
 def test_a_setting_below_its_minimum_is_refused_with_the_minimum_named() -> None:
     with override_settings(RELIABLE_TASKS_DATABASE_DOWN_HOLD=-0.5):
         error = only("reliable_tasks.E001")
-        with pytest.raises(ImproperlyConfigured, match=re.escape("at least 0, not -0.5")):
+        with pytest.raises(
+            ImproperlyConfigured, match=re.escape("a finite number of at least 0, not -0.5")
+        ):
             _ = conf.DATABASE_DOWN_HOLD
-    assert "RELIABLE_TASKS_DATABASE_DOWN_HOLD must be at least 0, not -0.5" in error.msg
+    assert (
+        "RELIABLE_TASKS_DATABASE_DOWN_HOLD must be a finite number of at least 0, not -0.5"
+        in error.msg
+    )
     with override_settings(RELIABLE_TASKS_DATABASE_DOWN_HOLD=0):
         assert conf.DATABASE_DOWN_HOLD == 0
 
