@@ -602,6 +602,30 @@ class DoneCache:
         done_value, *replies = pipe.execute()
         return done_value, replies[0] if redelivered else None
 
+    def mark_lost(self, task_id: str) -> None:
+        """Mark an execution of ``task_id`` as started and not ended, for one whose process is
+        being ended under it (a hard time limit: SIGTERM, which lets it clear its own mark,
+        then SIGKILL). Its redelivery then counts a lost delivery."""
+        try:
+            alias = conf.CACHE_ALIAS
+            if alias is None:
+                return
+            cache = caches[alias]
+            if not shared(cache):
+                return  # a redelivery counts as lost without the cache's word anyway
+            mark, token = self._mark_key(task_id), f"ended:{uuid.uuid4().hex}"
+            timeout = int(conf.IDEMPOTENCY_RETENTION.total_seconds())
+            client = redis_client(cache)
+            if client is None:
+                cache.set(mark, token, timeout)  # the execution's own clear then leaves it
+            else:
+                key = cache.make_key(mark)
+                client.pipeline(transaction=False).sadd(key, token).expire(key, timeout).execute()
+        except Exception as exc:  # noqa: BLE001 - a cache outage must not fail the worker
+            self._failed(exc)
+            return
+        self._recovered()
+
     def remember(
         self,
         writes: CacheWrites | None,

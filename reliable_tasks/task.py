@@ -87,8 +87,10 @@ class ReliableTask(Task[Any, Any]):
     acks_late = True
     reject_on_worker_lost = True
     # A hard time limit kills the process: the message goes back, like a worker lost, and
-    # counts towards a crash loop (Celery 5.7 and later; earlier ones acknowledge it).
+    # counts towards a crash loop (Celery 5.7 and later; earlier ones acknowledge it), without
+    # the task being reported failed first (the worker's request of reliable tasks).
     acks_on_timeout = False
+    Request = "reliable_tasks.worker:ReliableRequest"
     serializer = outbox.SERIALIZER
     atomic: bool = True
     lease: float | None = None
@@ -338,19 +340,11 @@ def _execute(task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     request = cast(Any, task.request)
     request.reliable_started = time.monotonic()
     writes = request.reliable_cache_writes = ledger.CacheWrites(task_id=str(request.id))
-    succeeded, ended = False, True
+    succeeded = False
     try:
         result = _execute_keyed(task, request, args, kwargs, started_at, writes)
         succeeded = True
         return result
-    except Exception:
-        raise
-    except BaseException:
-        # The process is being ended under the execution (SystemExit: Celery's hard time limit
-        # sends SIGTERM before SIGKILL; a cold shutdown): it did not end. Its started mark stays,
-        # and its redelivery counts it as a lost delivery, as if the process had just died.
-        ended = False
-        raise
     finally:
         # Best effort, and never in the way of the task's own outcome.
         try:
@@ -358,8 +352,7 @@ def _execute(task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]) 
         except Exception:  # noqa: BLE001 - a metric failure must not replace the outcome
             log.for_task(logger, task).warning("timings not recorded", exc_info=True)
         try:
-            if ended:
-                ledger.done_cache.finish(writes, wait=not succeeded)
+            ledger.done_cache.finish(writes, wait=not succeeded)
         except Exception:  # noqa: BLE001 - a cache failure must not replace the outcome
             log.for_task(logger, task).warning("cache writes at the end failed", exc_info=True)
 
@@ -446,7 +439,7 @@ def _record_requeue(
         _record_attempt(task, request, key, number, TaskAttempt.Outcome.REQUEUED, exc, started_at)
         # A lock held for an hour puts the message back thousands of times: the latest are kept.
         dead.trim_attempts(str(request.id), newest=None)
-    except DatabaseError:  # the requeue goes ahead: the error is in the log
+    except (DatabaseError, InterfaceError):  # the requeue goes ahead: the error is in the log
         log.for_task(logger, task, key).warning("could not record the requeue", exc_info=True)
     except SoftTimeLimitExceeded:
         _soft_limit_reached(task, exc)
@@ -542,13 +535,13 @@ def _database_down(
     raise Reject(exc, requeue=True) from exc
 
 
-def _soft_limit_reached(task: ReliableTask, exc: Exception) -> NoReturn:
-    """The soft time limit came while the message was on its way back for a database error:
-    it goes back all the same (failing the task for it would acknowledge a message whose task
-    never ran)."""
-    log.for_task(logger, task).warning(
-        "soft time limit reached while the database was unavailable; message requeued"
-    )
+def _soft_limit_reached(
+    task: ReliableTask, exc: Exception, when: str = "while the database was unavailable"
+) -> NoReturn:
+    """The soft time limit came while the message was on its way back (a database error) or
+    its failure was being recorded: it goes back all the same (failing the task for it would
+    acknowledge a message whose task never ran, or whose retry was never written)."""
+    log.for_task(logger, task).warning("soft time limit reached %s; message requeued", when)
     raise Reject(exc, requeue=True) from exc
 
 
@@ -696,6 +689,10 @@ def _failed(
                 )
     except (OperationalError, InterfaceError) as db_exc:
         _database_down(task, db_exc)
+    except SoftTimeLimitExceeded:
+        # Nothing of the record or the retry committed: failing the task for it would
+        # acknowledge a message whose retry was never written.
+        _soft_limit_reached(task, cause, "while its failure was recorded")
     if decision.retry:
         log.for_task(logger, task, key).warning(
             "attempt failed (%s: %s); retry in %.1f s", type(cause).__name__, cause, decision.delay

@@ -21,6 +21,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
+from celery.worker import state as worker_state
+from celery.worker.request import Request
 
 if TYPE_CHECKING:
     from .relay import Relay
@@ -30,6 +32,34 @@ logger = logging.getLogger("reliable_tasks.worker")
 # A message that cannot be stored as a dead task while the database is down goes back to the
 # queue after this pause, rather than being discarded.
 DATABASE_DOWN_PAUSE = 1.0
+
+
+class ReliableRequest(Request):
+    """A reliable task's request in the worker: a hard time limit puts the message back.
+
+    Celery, past a task's hard time limit, reports it failed (the result backend's FAILURE, a
+    chord's part counted, the chain failed, ``link_error`` callbacks, ``task_failure``), then
+    ends its process and, with ``acks_on_timeout = False``, puts the message back: the task
+    would run again after everything was told it failed. Here the message only goes back, with
+    the execution marked as started and not ended (the SIGTERM before the SIGKILL lets it clear
+    its own mark): the redelivery counts the kill as a lost delivery, and a task that always
+    runs over its limit ends as a dead task.
+    """
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        if soft or worker_state.should_terminate:
+            super().on_timeout(soft, timeout)
+            return
+        from .ledger import done_cache
+
+        done_cache.mark_lost(self.id)
+        worker_state.task_ready(self)
+        logger.error(
+            "Hard time limit (%ss) exceeded for %s[%s]; its process is ended and the message "
+            "goes back to the queue",
+            timeout, self.name, self.id,
+        )  # fmt: skip
+        self.reject(requeue=True)
 
 
 def install(app: Any) -> None:

@@ -315,18 +315,22 @@ def test_a_task_killed_by_its_hard_time_limit_goes_back_and_ends_as_a_dead_task(
     broker: Broker, processes: ProcessFactory, signal_env: dict[str, str]
 ) -> None:
     """Celery kills the process of a task past its hard time limit and, for a stock task,
-    acknowledges the message: the task would be gone, neither retried nor dead. A reliable
-    task's message goes back instead, each kill counts as a lost delivery, and the task ends as
-    a crash loop's dead task, its first part rolled back each time."""
+    reports it failed (its link_error callbacks called) and acknowledges the message: the task
+    would be gone, neither retried nor dead. A reliable task's message goes back instead,
+    without the failure being reported, each kill counts as a lost delivery, and the task ends
+    as a crash loop's dead task, its first part rolled back each time."""
     processes.relay()
-    processes.worker(env={**signal_env, "RT_TEST_MAX_DELIVERIES": "2"})
-    task_id = two_steps.apply_async(("over-time", 30.0), time_limit=2).id
+    worker = processes.worker(env={**signal_env, "RT_TEST_MAX_DELIVERIES": "2"})
+    task_id = two_steps.apply_async(
+        ("over-time", 30.0), time_limit=2, link_error=record.si("over-time-errback")
+    ).id
     wait_for(lambda: DeadTask.objects.exists(), timeout=90, what="the task to be declared dead")
     dead = DeadTask.objects.get()
     assert (dead.task_id, dead.reason) == (task_id, "crash_loop")
     assert [a["outcome"] for a in dead.attempts] == ["lost", "lost"]
     wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")
-    assert not effects("over-time")
+    assert processes.log_of(worker).count("the message goes back to the queue") == 2
+    assert not effects("over-time")  # neither its parts nor its errback
 
 
 def publish_raw(
