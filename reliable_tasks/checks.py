@@ -22,6 +22,9 @@ Ids and what each finds:
 - ``reliable_tasks.E007``: a reliable task routed to a queue that does not survive a restart
 - ``reliable_tasks.E008``: a reliable task routed to a queue that is not declared
 - ``reliable_tasks.E009``: compression or a non-JSON serializer, which the outbox refuses
+- ``reliable_tasks.E010``: a reliable task made to acknowledge a message it may not have run
+  (``acks_late``, ``reject_on_worker_lost`` or ``acks_on_timeout`` changed after it was declared,
+  by ``task_annotations`` say)
 """
 
 from __future__ import annotations
@@ -542,8 +545,26 @@ def _compression_error(where: str) -> checks.CheckMessage:
     )
 
 
+#: What a reliable task must keep, whatever set it after the declaration refused otherwise.
+_KEPT_OPTIONS = {"acks_late": True, "reject_on_worker_lost": True, "acks_on_timeout": False}
+
+
 def _option_errors(task: ReliableTask, name: str) -> list[checks.CheckMessage]:
     problems: list[checks.CheckMessage] = []
+    for option, kept in _KEPT_OPTIONS.items():
+        value = getattr(task, option, kept)
+        if value is not None and bool(value) is not kept:
+            problems.append(
+                checks.Error(
+                    f"Reliable task {name!r} has {option}={value!r} (set after it was declared, "
+                    "by task_annotations say): a worker that dies, or a hard time limit, would "
+                    "acknowledge a message whose task did not run, and lose it.",
+                    hint=f"Remove what sets {option} for this task (task_annotations, or an "
+                    "attribute set on it); reliable tasks need acks_late=True, "
+                    "reject_on_worker_lost=True and acks_on_timeout=False.",
+                    id="reliable_tasks.E010",
+                )
+            )
     if getattr(task, "compression", None):
         problems.append(_compression_error(f"Reliable task {name!r}"))
     if task.serializer not in (None, SERIALIZER):

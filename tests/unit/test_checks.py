@@ -398,3 +398,20 @@ def test_a_reliable_task_with_an_option_the_outbox_refuses_is_error_e009(
     monkeypatch.setattr(reliable_record, option, value, raising=False)
     error = only("reliable_tasks.E009")
     assert f"'{RECORD}'" in error.msg
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("acks_late", False), ("reject_on_worker_lost", False), ("acks_on_timeout", True)],
+)
+def test_a_reliable_task_made_to_acknowledge_what_it_did_not_run_is_error_e010(
+    monkeypatch: pytest.MonkeyPatch, option: str, value: bool
+) -> None:
+    """As task_annotations would set it, after the declaration that refuses it."""
+    from tests.testapp.tasks import record
+
+    monkeypatch.setattr(record, option, value)
+    error = only("reliable_tasks.E010")
+    assert f"Reliable task {record.name!r} has {option}={value!r}" in error.msg
+    monkeypatch.undo()
+    assert "reliable_tasks.E010" not in ids()
