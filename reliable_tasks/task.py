@@ -738,11 +738,11 @@ def _crash_loop(
     ``RELIABLE_TASKS_MAX_DELIVERIES`` of them make the task dead. A redelivery without a mark
     (the worker that died had only prefetched it, or it died after the execution ended) is
     recorded as ``redelivered``; the cache is never the truth, so these count too, against
-    ``UNMARKED_REDELIVERIES_FACTOR`` times the limit. A redelivery without a mark whose last
-    recorded attempt is ``requeued`` (a statement of the ledger failed, or the database was
-    down, and the delivery put the message back) is recorded as ``redelivered`` and paid for by
-    that requeue: each requeue makes one unmarked redelivery free, so a lock held for an hour is
-    no crash loop, and the backstop still ends a loop that goes on after it.
+    ``UNMARKED_REDELIVERIES_FACTOR`` times the limit. Each ``requeued`` record (a delivery that
+    put the message back because a statement of the ledger failed, or the database was down,
+    and said so) pays for one of them: a lock held for an hour is no crash loop, and the
+    backstop still ends a loop that goes on beyond the requeues. Where the cache cannot say,
+    the redelivery right after a requeue is taken as that requeue's, not as a lost one.
     """
     request = task.request
     from . import dead
