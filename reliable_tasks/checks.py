@@ -48,7 +48,7 @@ from django.db.utils import load_backend
 from .conf import SETTINGS, conf
 from .outbox import SERIALIZER
 from .relay import get_celery_app
-from .task import ReliableTask
+from .task import KEPT_OPTIONS, ReliableTask
 
 TAG = "reliable_tasks"
 
@@ -545,13 +545,9 @@ def _compression_error(where: str) -> checks.CheckMessage:
     )
 
 
-#: What a reliable task must keep, whatever set it after the declaration refused otherwise.
-_KEPT_OPTIONS = {"acks_late": True, "reject_on_worker_lost": True, "acks_on_timeout": False}
-
-
 def _option_errors(task: ReliableTask, name: str) -> list[checks.CheckMessage]:
     problems: list[checks.CheckMessage] = []
-    for option, kept in _KEPT_OPTIONS.items():
+    for option, kept in KEPT_OPTIONS.items():
         value = getattr(task, option, kept)
         if value is not None and bool(value) is not kept:
             problems.append(

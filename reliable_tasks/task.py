@@ -67,6 +67,10 @@ CHORD_RESULT_WAIT = 1.0
 
 KeyFunc = Callable[..., Any]
 
+#: Celery options a reliable task keeps, whatever sets them: with another value, a worker that
+#: dies or a hard time limit would acknowledge a message whose task did not run.
+KEPT_OPTIONS = {"acks_late": True, "reject_on_worker_lost": True, "acks_on_timeout": False}
+
 
 class ReliableTask(Task[Any, Any]):
     """A Celery task that is enqueued through the outbox and runs once per idempotency key.
@@ -120,18 +124,14 @@ class ReliableTask(Task[Any, Any]):
             # ``retry=`` names the policy in the decorator; the attribute stays Celery's method.
             cls.retry_policy = policy if isinstance(policy, RetryPolicy) else RetryPolicy(**policy)
             delattr(cls, "retry")
-        for option in ("acks_late", "reject_on_worker_lost"):
-            if cls.__dict__.get(option) is False:
+        for option, kept in KEPT_OPTIONS.items():
+            value = cls.__dict__.get(option)
+            if value is not None and bool(value) is not kept:
                 raise ImproperlyConfigured(
-                    f"task {cls.__dict__.get('name', cls.__name__)!r} sets {option}=False; reliable tasks always "
-                    "acknowledge late and requeue on worker loss, or a crash would lose them. Remove the option."
+                    f"task {cls.__dict__.get('name', cls.__name__)!r} sets {option}={value!r}; reliable tasks "
+                    "always acknowledge late and put the message back on worker loss and on a hard time "
+                    "limit, or a crash or a timeout would lose them. Remove the option."
                 )
-        if cls.__dict__.get("acks_on_timeout") is True:
-            raise ImproperlyConfigured(
-                f"task {cls.__dict__.get('name', cls.__name__)!r} sets acks_on_timeout=True; a reliable task "
-                "killed by its hard time limit goes back to the queue, or the timeout would lose it. "
-                "Remove the option."
-            )
 
     @property
     def idempotency_key(self) -> str | None:
@@ -764,15 +764,12 @@ def _crash_loop(
         return True
     Outcome = TaskAttempt.Outcome
     attempts = TaskAttempt.objects.using(conf.DATABASE)
-    last = (
-        attempts.filter(task_id=str(request.id))
-        .order_by("-id")
-        .values_list("outcome", flat=True)[:1]
-    )
-    if interrupted is None and list(last) == [Outcome.REQUEUED]:
-        # The delivery before this one put the message back, recorded: without the cache's
-        # word, this is its redelivery.
-        interrupted = False
+    if interrupted is None:
+        last = attempts.filter(task_id=str(request.id)).order_by("-id").values_list("outcome")
+        if last.first() == (Outcome.REQUEUED,):
+            # The delivery before this one put the message back, recorded: without the
+            # cache's word, this is its redelivery.
+            interrupted = False
     marked = interrupted is not False
     if interrupted:
         # The marks found were left by executions that died: counted now, so they go with this

@@ -197,6 +197,15 @@ def test_only_a_delivery_that_started_counts_towards_a_crash_loop(
     assert not DeadTask.objects.exists()
 
 
+def wait_for_hold(worker: Any, processes: ProcessFactory, timeout: float = 60) -> None:
+    """Until the worker says it holds a message whose delivery found the database down."""
+    wait_for(
+        lambda: "holding the message" in processes.log_of(worker),
+        timeout=timeout,
+        what="the worker to hold the message",
+    )
+
+
 def held(worker: Any, processes: ProcessFactory, seconds: float) -> None:
     """The worker keeps the message it holds, unacknowledged, for ``seconds``: it does not put
     it back (and take it again) once a second."""
@@ -221,11 +230,7 @@ def test_a_worker_holds_a_message_while_the_database_is_down_and_runs_it_once_it
         env = {**signal_env, "PGPORT": str(proxy.port), "RT_TEST_MAX_DELIVERIES": "2"}
         worker = processes.worker(env=env)
         task_id = record.delay("through-an-outage").id
-        wait_for(
-            lambda: "holding the message" in processes.log_of(worker),
-            timeout=60,
-            what="the worker to hold the message",
-        )
+        wait_for_hold(worker, processes)
         held(worker, processes, 4.0)
         assert not effects("through-an-outage")
         proxy.restore()
@@ -289,11 +294,7 @@ def test_the_hold_ends_before_the_tasks_time_limit(
         proxy.cut()
         worker = processes.worker(env={"PGPORT": str(proxy.port)})
         task_id = record.apply_async(("time-limited",), soft_time_limit=4, time_limit=5).id
-        wait_for(
-            lambda: "holding the message" in processes.log_of(worker),
-            timeout=60,
-            what="the worker to hold the message",
-        )
+        wait_for_hold(worker, processes)
         time.sleep(8.0)  # past both limits of the first delivery
         proxy.restore()
         wait_for(lambda: effects("time-limited"), timeout=60, what="the task to run afterwards")

@@ -19,7 +19,7 @@ from reliable_tasks.models import DeadTask, IdempotencyKey, OutboxMessage, TaskA
 from reliable_tasks.relay import Relay
 from reliable_tasks.topology import quorum_queue
 from tests.e2e.test_idempotency_faults import drained, observed
-from tests.e2e.test_poison_and_retries import held
+from tests.e2e.test_poison_and_retries import held, wait_for_hold
 from tests.support import Broker, ProcessFactory, TcpProxy, effects, wait_for
 from tests.testapp.tasks import dies_after_its_commit, record, two_steps
 
@@ -53,11 +53,7 @@ def test_a_worker_that_loses_the_database_mid_task_puts_the_message_back_and_run
         )
         proxy.cut()
         # The interrupted execution found no database: the worker holds the message.
-        wait_for(
-            lambda: "holding the message" in processes.log_of(worker),
-            timeout=30,
-            what="the worker to hold the message",
-        )
+        wait_for_hold(worker, processes, timeout=30)
         held(worker, processes, 3.0)
         assert not effects("outage")
         proxy.restore()
@@ -105,11 +101,7 @@ def test_a_database_outage_does_not_spend_a_quorum_queues_delivery_limit(
             headers={"id": str(uuid.uuid4()), "task": record.name, "lang": "py", "retries": 0},
             content_type="application/json", content_encoding="utf-8", delivery_mode=2,
         )  # fmt: skip
-        wait_for(
-            lambda: "holding the message" in processes.log_of(worker),
-            timeout=60,
-            what="the worker to hold the message",
-        )
+        wait_for_hold(worker, processes)
         time.sleep(4.0)  # four times the pause after which the message used to go back
         assert broker.channel.queue_declare(dead_letters.name, passive=True).message_count == 0
         proxy.restore()
