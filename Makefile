@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install demo test test-postgres test-sqlite lint typecheck bench chaos docs tox services clean
+.PHONY: install demo test test-postgres test-sqlite test-lowest lint typecheck bench chaos docs tox services clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/python demo_project/run_demo.py
 
-test: install lint typecheck test-postgres test-sqlite docs
+test: install lint typecheck test-postgres test-sqlite test-lowest docs
 
 lint: install
 	$(BIN)/ruff check .
@@ -36,6 +36,19 @@ test-postgres: install
 test-sqlite: install
 	rm -f test-reliable-tasks.sqlite3*
 	RT_TEST_DB=sqlite $(PYTEST) tests/unit tests/integration tests/e2e/test_relay_faults.py -m "not postgres"
+
+# The oldest dependencies pyproject.toml admits (constraints/lowest.txt), in a virtualenv of
+# their own: the unit and integration suites on PostgreSQL.
+LOWEST := .venv-lowest
+$(LOWEST)/.installed: pyproject.toml constraints/lowest.txt
+	rm -rf $(LOWEST)
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install -q --upgrade pip
+	$(LOWEST)/bin/python -m pip install -q -e ".[postgres,hiredis,sentry,metrics,test]" -c constraints/lowest.txt
+	touch $@
+
+test-lowest: $(LOWEST)/.installed
+	RT_TEST_DB=postgres $(LOWEST)/bin/python -m pytest tests/unit tests/integration
 
 bench: install
 	$(BIN)/python benchmarks/run.py
@@ -60,4 +73,4 @@ services:
 	scripts/ensure-services
 
 clean:
-	rm -rf $(VENV) .tox docs/_build test-reliable-tasks.sqlite3*
+	rm -rf $(VENV) $(LOWEST) .tox docs/_build test-reliable-tasks.sqlite3*

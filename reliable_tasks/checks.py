@@ -19,6 +19,7 @@ Ids and what each finds:
 - ``reliable_tasks.E006``: ``accept_content`` lacks JSON, the format of reliable tasks
 - ``reliable_tasks.W005``: results serialized or accepted as pickle
 - ``reliable_tasks.W006``: ``task_always_eager`` outside a test run
+- ``reliable_tasks.W008``: an installed sentry-sdk too old for the Sentry integration
 - ``reliable_tasks.E007``: a reliable task routed to a queue that does not survive a restart
 - ``reliable_tasks.E008``: a reliable task routed to a queue that is not declared
 - ``reliable_tasks.E009``: compression or a non-JSON serializer, which the outbox refuses
@@ -413,6 +414,25 @@ def check_eager(
             "those settings. In tests, reliable_tasks.testing.run_enqueued() runs the outbox "
             "inline without eager mode.",
             id="reliable_tasks.W006",
+        )
+    ]
+
+
+@checks.register(TAG)
+def check_sentry_sdk(
+    app_configs: Sequence[AppConfig] | None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """W008: an installed sentry-sdk too old for the integration, which is then off."""
+    from .integrations import sentry
+
+    if not sentry.UNUSABLE_SENTRY_SDK:
+        return []
+    return [
+        checks.Warning(
+            f"{sentry.unusable_message()}.",
+            hint=f"Upgrade it: pip install 'sentry-sdk>={sentry.MINIMUM_SENTRY_SDK}' (or "
+            "'reliable-tasks[sentry]', which asks for it).",
+            id="reliable_tasks.W008",
         )
     ]
 

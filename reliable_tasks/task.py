@@ -91,8 +91,8 @@ class ReliableTask(Task[Any, Any]):
     acks_late = True
     reject_on_worker_lost = True
     # A hard time limit kills the process: the message goes back, like a worker lost, and
-    # counts towards a crash loop (Celery 5.7 and later; earlier ones acknowledge it), without
-    # the task being reported failed first (the worker's request of reliable tasks).
+    # counts towards a crash loop, without the task being reported failed first (the worker's
+    # request of reliable tasks).
     acks_on_timeout = False
     Request = "reliable_tasks.worker:ReliableRequest"
     serializer = outbox.SERIALIZER

@@ -193,13 +193,18 @@ class ProcessFactory:
         return self.start("-m", "django", "reliable_tasks", "relay", *extra, env=env)
 
     def worker(
-        self, *queues: str, concurrency: int = 1, env: dict[str, str] | None = None
+        self,
+        *queues: str,
+        concurrency: int = 1,
+        env: dict[str, str] | None = None,
+        extra: tuple[str, ...] = (),
     ) -> subprocess.Popen[bytes]:
+        """A prefork worker on ``queues``; ``extra``: more of ``celery worker``'s options."""
         return self.start(
             "-m", "celery", "-A", "tests.celery_app", "worker", "-l", "info",
             "-Q", ",".join(queues or (QUEUE,)), "-c", str(concurrency), "-P", "prefork",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "-n", f"w{len(self.procs)}-{os.getpid()}@%h",
+            "-n", f"w{len(self.procs)}-{os.getpid()}@%h", *extra,
             env=env,
         )  # fmt: skip
 

@@ -23,16 +23,27 @@ from typing import TYPE_CHECKING, Any
 from reliable_tasks import signals
 from reliable_tasks.dead import qualname
 
+#: The oldest sentry-sdk the integration is tested with (the ``sentry`` extra's floor).
+MINIMUM_SENTRY_SDK = "2.12"
+#: Why an installed sentry-sdk cannot be used (it lacks what the integration imports), or "".
+UNUSABLE_SENTRY_SDK = ""
+
 try:
     import sentry_sdk
-    from sentry_sdk.integrations.logging import ignore_logger
-    from sentry_sdk.tracing import BAGGAGE_HEADER_NAME, SENTRY_TRACE_HEADER_NAME, Transaction
-    from sentry_sdk.tracing_utils import PropagationContext, has_tracing_enabled
-    from sentry_sdk.utils import event_from_exception
 except ImportError:  # the "sentry" extra is not installed: connect() does nothing
     HAVE_SENTRY = False
 else:
-    HAVE_SENTRY = True
+    try:
+        from sentry_sdk.integrations.logging import ignore_logger
+        from sentry_sdk.tracing import BAGGAGE_HEADER_NAME, SENTRY_TRACE_HEADER_NAME, Transaction
+        from sentry_sdk.tracing_utils import PropagationContext, has_tracing_enabled
+        from sentry_sdk.utils import event_from_exception
+    except ImportError as exc:  # an older sentry-sdk: said by check W008 and a log line
+        HAVE_SENTRY = False
+        version = getattr(getattr(sentry_sdk, "consts", None), "VERSION", "(unknown version)")
+        UNUSABLE_SENTRY_SDK = f"sentry-sdk {version} is installed, but {exc}"
+    else:
+        HAVE_SENTRY = True
 
 if TYPE_CHECKING:
     from reliable_tasks.models import DeadTask
@@ -56,6 +67,9 @@ _UID = "reliable_tasks.integrations.sentry"
 
 def connect() -> None:
     """Connect the signal handlers when sentry-sdk is installed (calling it again is harmless)."""
+    if UNUSABLE_SENTRY_SDK:
+        # Workers run no system checks: they say it here, once per process.
+        logger.warning("%s", unusable_message())
     if not HAVE_SENTRY:
         return
     # The event of a dead task is sent here, with its fingerprint; sentry-sdk's logging
@@ -67,6 +81,14 @@ def connect() -> None:
     signals.task_deferred.connect(_deferred, dispatch_uid=f"{_UID}.deferred")
     signals.task_duplicate.connect(_duplicate, dispatch_uid=f"{_UID}.duplicate")
     signals.task_requeued.connect(_requeued, dispatch_uid=f"{_UID}.requeued")
+
+
+def unusable_message() -> str:
+    """What is wrong with the installed sentry-sdk, when it is too old to use."""
+    return (
+        f"{UNUSABLE_SENTRY_SDK}: reliable_tasks' Sentry integration needs sentry-sdk "
+        f"{MINIMUM_SENTRY_SDK} or later and is off, so dead tasks are not reported to Sentry"
+    )
 
 
 # -- handlers ------------------------------------------------------------------------------------

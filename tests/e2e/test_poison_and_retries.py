@@ -282,18 +282,24 @@ def test_a_message_held_longer_than_the_hold_goes_back_and_is_held_again(
 
 
 @pytest.mark.postgres  # the outage is a cut proxy in front of PostgreSQL
+@pytest.mark.parametrize("limits_from", ["message", "worker"])
 def test_the_hold_ends_before_the_tasks_time_limit(
-    broker: Broker, processes: ProcessFactory
+    broker: Broker, processes: ProcessFactory, limits_from: str
 ) -> None:
-    """A task with time limits (4 s soft, 5 s hard, from the message): a hold of a minute would
-    have the soft limit fail the task, whose message would then be acknowledged, or the hard
-    limit kill its process. The hold ends two pauses before the first limit instead."""
+    """A task with time limits (4 s soft, 5 s hard), given by the message or by the worker's
+    ``--soft-time-limit`` and ``--time-limit``: a hold of a minute would have the soft limit
+    fail the task, whose message would then be acknowledged, or the hard limit kill its
+    process. The hold ends two pauses before the first limit instead."""
     proxy = TcpProxy(int(os.environ.get("PGPORT", "5432")))
     try:
         processes.relay()
         proxy.cut()
-        worker = processes.worker(env={"PGPORT": str(proxy.port)})
-        task_id = record.apply_async(("time-limited",), soft_time_limit=4, time_limit=5).id
+        flags = ("--soft-time-limit", "4", "--time-limit", "5")
+        worker = processes.worker(
+            env={"PGPORT": str(proxy.port)}, extra=flags if limits_from == "worker" else ()
+        )
+        limits = {"soft_time_limit": 4, "time_limit": 5} if limits_from == "message" else {}
+        task_id = record.apply_async(("time-limited",), **limits).id
         wait_for_hold(worker, processes)
         time.sleep(8.0)  # past both limits of the first delivery
         proxy.restore()
@@ -310,6 +316,46 @@ def test_the_hold_ends_before_the_tasks_time_limit(
     outcomes = set(TaskAttempt.objects.filter(task_id=task_id).values_list("outcome", flat=True))
     assert outcomes <= {TaskAttempt.Outcome.REQUEUED, TaskAttempt.Outcome.REDELIVERED}
     assert not DeadTask.objects.exists()
+
+
+EAGER_CALL = """
+import time
+
+import django
+
+django.setup()
+from tests.testapp.tasks import record
+
+started = time.monotonic()
+outcome = record.apply(("eager-outage",))
+reason = getattr(outcome.result, "reason", None)
+print(f"state={outcome.state} result={type(outcome.result).__name__}", flush=True)
+print(f"reason={type(reason).__name__}", flush=True)
+print(f"seconds={time.monotonic() - started:.1f}", flush=True)
+"""
+
+
+@pytest.mark.postgres  # the outage is a cut proxy in front of PostgreSQL
+def test_an_eager_call_finding_the_database_down_is_rejected_at_once_not_held(
+    processes: ProcessFactory,
+) -> None:
+    """``apply()`` runs the task in the caller's process, which has no message to hold or put
+    back: the call is rejected at once, where a worker would hold the message for up to
+    RELIABLE_TASKS_DATABASE_DOWN_HOLD (60 s here)."""
+    proxy = TcpProxy(int(os.environ.get("PGPORT", "5432")))
+    try:
+        proxy.cut()
+        caller = processes.start("-c", EAGER_CALL, env={"PGPORT": str(proxy.port)})
+        caller.wait(timeout=40)
+    finally:
+        proxy.close()
+    output = processes.log_of(caller)
+    assert caller.returncode == 0, output
+    assert "state=REJECTED result=Reject" in output
+    assert "reason=OperationalError" in output  # the claim's, the database being gone
+    assert float(output.split("seconds=")[1].split()[0]) < 5.0
+    assert "holding the message" not in output
+    assert not effects("eager-outage")
 
 
 def test_a_task_killed_by_its_hard_time_limit_goes_back_and_ends_as_a_dead_task(

@@ -6,7 +6,10 @@ django_db mark): a check that queried it would fail here.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -24,6 +27,7 @@ from kombu import Exchange, Queue
 from reliable_tasks.checks import TAG
 from reliable_tasks.conf import conf
 from tests.celery_app import app
+from tests.support import ROOT
 
 RECORD = "tests.testapp.tasks.record"
 TRANSIENT = "rt-checks.transient"
@@ -326,6 +330,43 @@ def test_w006_can_be_silenced_where_eager_mode_is_deliberate(
     celery_conf(task_always_eager=True)
     with override_settings(SILENCED_SYSTEM_CHECKS=["reliable_tasks.W006"]):
         call_command("check", fail_level="WARNING", verbosity=0)
+
+
+OLD_SENTRY_SDK = """
+import sentry_sdk.tracing_utils
+
+# What sentry-sdk 2.0 lacks: the integration imports it.
+del sentry_sdk.tracing_utils.PropagationContext
+import django
+
+django.setup()
+from django.core.management import call_command
+
+from reliable_tasks import signals
+
+call_command("check", "--tag", "reliable_tasks")
+connected = [str(key[0]) for key, *_ in signals.task_dead.receivers]
+print("sentry receivers:", sum(uid.startswith("reliable_tasks.integrations.sentry") for uid in connected))
+"""
+
+
+def test_a_sentry_sdk_too_old_for_the_integration_is_warning_w008_and_a_log_line() -> None:
+    """A sentry-sdk that lacks what the integration imports (as 2.0 does) turns the integration
+    off, said by the check (for deploys) and a log line (for workers, which run no checks),
+    where it would otherwise be off without a word."""
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", OLD_SENTRY_SDK], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=60, check=True,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert "(reliable_tasks.W008)" in output
+    assert "is installed, but cannot import name 'PropagationContext'" in output
+    assert "HINT: Upgrade it: pip install 'sentry-sdk>=2.12'" in output
+    assert output.count("needs sentry-sdk 2.12 or later and is off") == 2  # the check, the log
+    assert "sentry receivers: 0" in done.stdout
+    # The sentry-sdk installed here is recent enough: no warning.
+    assert "reliable_tasks.W008" not in ids()
 
 
 # -- E007 to E009: reliable tasks --------------------------------------------------------------
