@@ -40,8 +40,9 @@ else:
         from sentry_sdk.utils import event_from_exception
     except ImportError as exc:  # an older sentry-sdk: said by check W008 and a log line
         HAVE_SENTRY = False
-        version = getattr(getattr(sentry_sdk, "consts", None), "VERSION", "(unknown version)")
-        UNUSABLE_SENTRY_SDK = f"sentry-sdk {version} is installed, but {exc}"
+        UNUSABLE_SENTRY_SDK = (
+            f"sentry-sdk {getattr(sentry_sdk, 'VERSION', '')} is installed, but {exc}"
+        )
     else:
         HAVE_SENTRY = True
 
