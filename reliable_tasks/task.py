@@ -500,11 +500,7 @@ def _database_down(
     if request.is_eager:
         raise Reject(exc, requeue=True) from exc
     task_log = log.for_task(logger, task)
-    hold = float(conf.DATABASE_DOWN_HOLD)
-    left = _time_left(task)
-    pause = DATABASE_DOWN_PAUSE if left is None else min(DATABASE_DOWN_PAUSE, left / 2)
-    if left is not None:
-        hold = min(hold, left - 2 * DATABASE_DOWN_PAUSE)
+    hold, pause = _hold_and_pause(task)
     try:
         if (
             what != "database"
@@ -533,6 +529,17 @@ def _database_down(
     except SoftTimeLimitExceeded:
         _soft_limit_reached(task, exc)
     raise Reject(exc, requeue=True) from exc
+
+
+def _hold_and_pause(task: ReliableTask) -> tuple[float, float]:
+    """How long the execution in hand may hold its message while a service does not answer
+    (``RELIABLE_TASKS_DATABASE_DOWN_HOLD``, ending two pauses before its first time limit),
+    and the pause between two questions (shorter when the limit is that close)."""
+    hold = float(conf.DATABASE_DOWN_HOLD)
+    left = _time_left(task)
+    if left is None:
+        return hold, DATABASE_DOWN_PAUSE
+    return min(hold, left - 2 * DATABASE_DOWN_PAUSE), min(DATABASE_DOWN_PAUSE, left / 2)
 
 
 def _soft_limit_reached(
@@ -1077,21 +1084,51 @@ def _counted_in_chord(task: ReliableTask, request: Any) -> bool:
     that waited on the key's lock wakes at that commit, before the store: it waits for the
     result ``CHORD_RESULT_WAIT`` seconds. Still none, and the execution that completed the key
     died between its commit and the count (or was another message, a second enqueue of a
-    business key): this delivery is the one that counts. A result backend that cannot say puts
-    the message back, as a database that is down does: counted twice or not at all, the chord
-    would be lost.
+    business key): this delivery is the one that counts. A result backend that cannot say is
+    asked again each pause while the message is held (as for a database that is down, up to
+    ``RELIABLE_TASKS_DATABASE_DOWN_HOLD``), then the message goes back: counted twice or not at
+    all, the chord would be lost. The wait for the result counts from when the backend answers.
     """
     deadline = time.monotonic() + CHORD_RESULT_WAIT
+    held_until: float | None = None  # while the backend does not answer
     while True:
         try:
             status = task.backend.get_task_meta(request.id).get("status")
-        except Exception as exc:  # noqa: BLE001 - whatever the backend raises, it goes back
-            _database_down(task, exc, "result backend")
+        except Exception as exc:  # noqa: BLE001 - whatever the backend raises, it is held or goes back
+            held_until = _result_backend_down(task, request, exc, held_until)
+            continue
+        if held_until is not None:
+            log.for_task(logger, task).info("result backend answers again")
+            held_until, deadline = None, time.monotonic() + CHORD_RESULT_WAIT
         if status == states.SUCCESS:
             return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
+
+
+def _result_backend_down(
+    task: ReliableTask, request: Any, exc: Exception, held_until: float | None
+) -> float:
+    """The result backend did not answer: a pause before the next question, the message held
+    meanwhile, until ``held_until`` (set here the first time, None). Past it, or for an eager
+    call, which holds nothing, the message goes back. A message put back at each failure would
+    spend a quorum queue's delivery limit in as many pauses."""
+    hold, pause = _hold_and_pause(task)
+    if held_until is None and not request.is_eager and hold > 0:
+        held_until = time.monotonic() + hold
+        log.for_task(logger, task).warning(
+            "result backend unavailable (%s); holding the message until it answers (%g s at most)",
+            exc,
+            hold,
+        )
+    if held_until is None or time.monotonic() >= held_until:
+        _database_down(task, exc, "result backend")
+    try:
+        time.sleep(min(pause, max(0.0, held_until - time.monotonic())))
+    except SoftTimeLimitExceeded:
+        _soft_limit_reached(task, exc, "while the result backend was unavailable")
+    return held_until
 
 
 def _reused(task: ReliableTask, key: str, first: str, now: str) -> IdempotencyKeyReused:

@@ -22,6 +22,7 @@ from django.utils import timezone
 from reliable_tasks import IdempotencyKeyReused, InvalidIdempotencyKey, ledger, pruning
 from reliable_tasks.models import IdempotencyKey, KeyResult, OutboxMessage, TaskAttempt
 from reliable_tasks.signals import task_deferred
+from tests.support import TcpProxy
 from tests.testapp.models import Effect, GatewayCharge, Observed
 from tests.testapp.tasks import (
     charge,
@@ -940,11 +941,13 @@ def test_prune_removes_only_keys_past_retention() -> None:
     assert list(KeyResult.objects.values_list("result", flat=True)) == ["new"]
 
 
+@override_settings(RELIABLE_TASKS_DATABASE_DOWN_HOLD=1.5)
 def test_a_duplicate_chord_member_whose_result_backend_does_not_answer_goes_back_to_the_queue(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The duplicate cannot tell whether the delivery that ran was counted towards its chord:
-    rather than count it twice or not at all, the message goes back to the queue."""
+    rather than count it twice or not at all, it holds the message while it asks again, and
+    past RELIABLE_TASKS_DATABASE_DOWN_HOLD the message goes back to the queue."""
     from celery.app.trace import build_tracer
     from celery.backends.redis import RedisBackend
 
@@ -957,12 +960,63 @@ def test_a_duplicate_chord_member_whose_result_backend_does_not_answer_goes_back
         "id": "member", "task": record.name, "group": "the-chord", "hostname": "w@test",
         "chord": record.si("body"), "delivery_info": {"redelivered": True},
     }  # fmt: skip
-    outcome = trace("member", ("member",), {}, request)
+    started = time.monotonic()
+    with caplog.at_level("INFO", logger="reliable_tasks"):
+        outcome = trace("member", ("member",), {}, request)
+    assert time.monotonic() - started >= 1.5
     assert outcome.info.state == "REJECTED"
     assert outcome.info.retval.requeue is True
+    messages = [entry.getMessage() for entry in caplog.records]
+    assert sum("holding the message until it answers (1.5 s at most)" in m for m in messages) == 1
+    assert sum("result backend unavailable" in m for m in messages) == 2  # held, then put back
     # Nothing ran again, and the delivery is no failed attempt.
     assert list(Effect.objects.values_list("key", flat=True)) == ["member"]
     assert not TaskAttempt.objects.filter(outcome=TaskAttempt.Outcome.FAILED).exists()
+
+
+# Celery's Redis result backend stores with redis-py's setex, which redis-py deprecates.
+@pytest.mark.filterwarnings("ignore:Call to deprecated setex:DeprecationWarning")
+def test_a_duplicate_chord_member_holds_its_message_until_the_result_backend_answers_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A result backend that stops answering for a few seconds (Redis, reached through a
+    proxy that is cut, then restored): the duplicate waits for it, holding its message, and
+    then goes on as if nothing happened. It is not put back once a second, each a redelivery
+    that a quorum queue counts against its delivery limit."""
+    from celery import states
+    from celery.app.trace import build_tracer
+    from celery.backends.redis import RedisBackend
+
+    assert record.apply(("member",), task_id="member").get() == "member"
+    proxy = TcpProxy(6379)
+    try:
+        backend = RedisBackend(
+            app=record.app, url=f"redis://127.0.0.1:{proxy.port}/14?socket_connect_timeout=1"
+        )
+        backend.store_result("member", "member", states.SUCCESS)  # the first delivery counted
+        monkeypatch.setattr(record, "_backend", backend)
+        trace = build_tracer(record.name, record, app=record.app, eager=False, propagate=False)
+        request = {
+            "id": "member", "task": record.name, "group": "the-chord", "hostname": "w@test",
+            "chord": record.si("body"), "delivery_info": {"redelivered": True},
+        }  # fmt: skip
+        proxy.cut()
+        threading.Timer(3.0, proxy.restore).start()
+        started = time.monotonic()
+        with caplog.at_level("INFO", logger="reliable_tasks"):
+            outcome = trace("member", ("member",), {}, request)
+        held = time.monotonic() - started
+    finally:
+        proxy.close()
+        RedisBackend(app=record.app, url="redis://127.0.0.1:6379/14").forget("member")
+    assert held >= 3.0
+    assert outcome.info is None  # a success
+    assert outcome.retval == "member"  # the stored result, the task not run again
+    messages = [entry.getMessage() for entry in caplog.records]
+    assert sum("result backend unavailable" in m for m in messages) == 1
+    assert sum("result backend answers again" in m for m in messages) == 1
+    assert list(Effect.objects.values_list("key", flat=True)) == ["member"]
+    assert list(Observed.objects.values_list("kind", flat=True)) == ["duplicate"]
 
 
 # Celery's Redis result backend stores with redis-py's setex, which redis-py deprecates.
