@@ -12,7 +12,7 @@ import contextlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from celery import Celery, signals
@@ -106,8 +106,11 @@ class CapturingProducer:
     connection = _NoConnection()
     serializer = SERIALIZER
 
-    def __init__(self, task_name: str) -> None:
+    def __init__(self, task_name: str, *, eta: str | None = None) -> None:
         self.task_name = task_name
+        #: The ``eta`` header to give the message, for a call whose countdown or eta was kept
+        #: out of Celery's build (see ``eta_header``).
+        self.eta = eta
         self.message: CapturedMessage | None = None
         #: The first ``publish`` call's arguments as Celery passed them, for a ``Template``.
         self.call: tuple[Any, dict[str, Any]] | None = None
@@ -146,6 +149,8 @@ class CapturingProducer:
         # publishes on its own terms and counts the TTL from the absolute 'expires' header.
         headers = dict(headers or {})
         headers[ENQUEUED_AT_HEADER] = timezone.now().isoformat()
+        if self.eta is not None:
+            headers["eta"] = self.eta
         properties = {k: v for k, v in properties.items() if k in _AMQP_PROPERTIES}
         task_id = str(headers.get("id") or properties.get("correlation_id"))
         content_type, content_encoding, data = _encode_body(name, body)
@@ -666,6 +671,24 @@ def header_time(value: str) -> datetime:
     """A time Celery writes into a message's headers (``eta``, ``expires``; ISO 8601), aware:
     one without an offset is UTC, as Celery's worker reads it. Raises ValueError if malformed."""
     return maybe_make_aware(datetime.fromisoformat(value))
+
+
+def eta_header(app: Celery, countdown: Any = None, eta: Any = None) -> str | None:
+    """The ``eta`` header Celery's message build writes for a call's ``countdown`` or ``eta``
+    (a countdown wins), or None without either.
+
+    Reliable tasks are built without them, the header added to the captured message: with a
+    quorum queue in the Celery configuration, Celery's build sends a message that has either
+    through its native delayed delivery (its ``celery_delayed_*`` exchanges, on a topic or fanout
+    exchange) and warns for each one on a direct exchange. The relay holds the row until it is
+    due instead; delayed again by RabbitMQ after that, the task would run a countdown late.
+    """
+    if countdown:
+        start = app.now()
+        eta = maybe_make_aware(start + timedelta(seconds=countdown), tz=app.timezone)
+    if eta is None or isinstance(eta, str):
+        return eta
+    return str(eta.isoformat())
 
 
 def _due_at(eta: str | None) -> datetime:

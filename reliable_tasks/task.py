@@ -203,8 +203,10 @@ class ReliableTask(Task[Any, Any]):
         self, args: Any, kwargs: Any, **options: Any
     ) -> tuple[AsyncResult[Any], outbox.CapturingProducer]:
         """Celery's ``apply_async`` with a producer that keeps the message (its ``message``
-        is None if Celery sent none)."""
-        capture = outbox.CapturingProducer(self.name)
+        is None if Celery sent none). A countdown or an eta is kept out of Celery's build and
+        given to the message as its ``eta`` header (``outbox.eta_header``)."""
+        eta = outbox.eta_header(self.app, options.pop("countdown", None), options.pop("eta", None))
+        capture = outbox.CapturingProducer(self.name, eta=eta)
         result: AsyncResult[Any] = super().apply_async(
             args, kwargs, producer=cast(Any, capture), **options
         )

@@ -17,6 +17,7 @@ from celery._state import _task_stack
 from django.db import transaction
 from django.test import override_settings
 from django.utils import timezone
+from kombu import Exchange, Queue
 
 from reliable_tasks import PayloadNotSerializable, PayloadTooLarge, UnsupportedOption
 from reliable_tasks.models import OutboxMessage
@@ -80,6 +81,51 @@ def test_countdown_and_eta_set_when_the_row_becomes_due() -> None:
     due = {r.body.split('"')[1]: r.due_at for r in OutboxMessage.objects.all()}
     assert before + dt.timedelta(seconds=59) < due["c"] < timezone.now() + dt.timedelta(seconds=61)
     assert abs((due["e"] - eta).total_seconds()) < 0.01
+
+
+@pytest.fixture(params=["topic", "direct"])
+def quorum_queue(request: pytest.FixtureRequest) -> Iterator[Queue]:
+    """A quorum queue in the Celery configuration, on an exchange of the given type: Celery's
+    build then sends a message with a countdown or an eta through its native delayed delivery
+    (topic, fanout), or warns that it cannot (direct)."""
+    exchange = Exchange(f"rt-test-{request.param}", type=request.param)
+    queue = Queue(
+        "rt-test-quorum", exchange, routing_key="rt.quorum",
+        queue_arguments={"x-queue-type": "quorum"},
+    )  # fmt: skip
+    queues = record.app.amqp.queues
+    queues.add(queue)
+    try:
+        yield queue
+    finally:
+        queues.pop(queue.name)
+
+
+def test_a_countdown_with_a_quorum_queue_is_held_by_the_relay_alone(
+    quorum_queue: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row with a countdown or an eta is routed as one without: not to Celery's delay exchange
+    (``celery_delayed_27``, where RabbitMQ would hold the message for its countdown again after
+    the relay published it when due), and Celery warns of nothing."""
+    before = timezone.now()
+    with caplog.at_level("WARNING"):
+        record.apply_async(("now",), queue=quorum_queue.name)
+        record.apply_async(("countdown",), countdown=30, queue=quorum_queue.name)
+        record.apply_async(("eta",), eta=before + dt.timedelta(minutes=5), queue=quorum_queue.name)
+    rows = {r.body.split('"')[1]: r for r in OutboxMessage.objects.all()}
+    now = rows.pop("now")
+    assert now.exchange != "celery_delayed_27"
+    for row in rows.values():
+        assert (row.exchange, row.routing_key, row.queue) == (
+            now.exchange,
+            now.routing_key,
+            now.queue,
+        )
+        assert row.due_at == dt.datetime.fromisoformat(row.headers["eta"])
+    countdown_due = (rows["countdown"].due_at - before).total_seconds()
+    assert 29 < countdown_due < 31
+    assert rows["eta"].due_at == before + dt.timedelta(minutes=5)
+    assert not [r for r in caplog.records if "delayed delivery" in r.getMessage()]
 
 
 def test_priority_expires_and_headers_are_kept_for_the_relay() -> None:
