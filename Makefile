@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 
+# The test targets share the test database and the services: one at a time, even under -j.
+.NOTPARALLEL:
+
 .PHONY: install demo test test-postgres test-sqlite test-lowest lint typecheck bench chaos docs tox services clean
 
 $(VENV)/.installed: pyproject.toml

@@ -106,9 +106,10 @@ SETTINGS: dict[str, Setting] = {
     "DATABASE_DOWN_HOLD": Setting(
         60.0,
         (int, float),
-        "Seconds a worker holds a message whose execution found the database unreachable, "
-        "checking every second, before it puts the message back; it goes back at once when the "
-        "database answers. 0: put back after one second.",
+        "Seconds a worker holds a message whose execution found the database (or, for a "
+        "duplicate of a chord's member, the result backend) unreachable, checking every second, "
+        "before it puts the message back; it goes back, or on, at once when it answers. 0: put "
+        "back after one second.",
         minimum=0,
     ),
     "MAX_RECORDED_ATTEMPTS": Setting(

@@ -529,7 +529,7 @@ def _database_down(
                 task_log.warning("database still unavailable after %g s; message requeued", hold)
                 break
     except SoftTimeLimitExceeded:
-        _soft_limit_reached(task, exc)
+        _soft_limit_reached(task, exc, f"while the {what} was unavailable")
     raise Reject(exc, requeue=True) from exc
 
 
@@ -1092,16 +1092,18 @@ def _counted_in_chord(task: ReliableTask, request: Any) -> bool:
     all, the chord would be lost. The wait for the result counts from when the backend answers.
     """
     deadline = time.monotonic() + CHORD_RESULT_WAIT
-    held_until: float | None = None  # while the backend does not answer
+    hold = _BackendHold(task)
     while True:
+        asked = time.monotonic()
         try:
             status = task.backend.get_task_meta(request.id).get("status")
+        except SoftTimeLimitExceeded as exc:
+            _soft_limit_reached(task, exc, "while the result backend was asked")
         except Exception as exc:  # noqa: BLE001 - whatever the backend raises, it is held or goes back
-            held_until = _result_backend_down(task, request, exc, held_until)
+            hold.failed(exc, time.monotonic() - asked)
             continue
-        if held_until is not None:
-            log.for_task(logger, task).info("result backend answers again")
-            held_until, deadline = None, time.monotonic() + CHORD_RESULT_WAIT
+        if hold.answers():
+            deadline = time.monotonic() + CHORD_RESULT_WAIT
         if status == states.SUCCESS:
             return True
         if time.monotonic() >= deadline:
@@ -1109,28 +1111,78 @@ def _counted_in_chord(task: ReliableTask, request: Any) -> bool:
         time.sleep(0.05)
 
 
-def _result_backend_down(
-    task: ReliableTask, request: Any, exc: Exception, held_until: float | None
-) -> float:
-    """The result backend did not answer: a pause before the next question, the message held
-    meanwhile, until ``held_until`` (set here the first time, None). Past it, or for an eager
-    call, which holds nothing, the message goes back. A message put back at each failure would
-    spend a quorum queue's delivery limit in as many pauses."""
-    hold, pause = _hold_and_pause(task)
-    if held_until is None and not request.is_eager and hold > 0:
-        held_until = time.monotonic() + hold
-        log.for_task(logger, task).warning(
-            "result backend unavailable (%s); holding the message until it answers (%g s at most)",
-            exc,
-            hold,
-        )
-    if held_until is None or time.monotonic() >= held_until:
-        _database_down(task, exc, "result backend")
-    try:
-        time.sleep(min(pause, max(0.0, held_until - time.monotonic())))
-    except SoftTimeLimitExceeded:
-        _soft_limit_reached(task, exc, "while the result backend was unavailable")
-    return held_until
+class _BackendHold:
+    """One execution's hold of its message while the result backend does not answer.
+
+    A failure that says the backend is unreachable (a connection error, a database that does
+    not answer) is followed by a pause and another question, the message held meanwhile. The
+    hold is one for the execution, however often the backend comes and goes: it ends after
+    ``RELIABLE_TASKS_DATABASE_DOWN_HOLD``, and before the task's first time limit, counting the
+    time a question takes. Then, or for any other error, or for an eager call (which holds
+    nothing), the message goes back. Put back at each failure, it would spend a quorum queue's
+    delivery limit in as many pauses.
+    """
+
+    def __init__(self, task: ReliableTask) -> None:
+        self.task = task
+        self.hold = 0.0
+        self.until: float | None = None
+        self.down = False
+
+    def failed(self, exc: Exception, took: float) -> None:
+        """The backend raised ``exc`` after ``took`` seconds: pause, or put the message back."""
+        task = self.task
+        task_log = log.for_task(logger, task)
+        if cast(Any, task.request).is_eager or not _backend_unavailable(task.backend, exc):
+            _database_down(task, exc, "result backend")
+        if isinstance(exc, DatabaseError):
+            # A connection that broke stays broken until closed: the next question makes one.
+            for connection in connections.all(initialized_only=True):
+                connection.close_if_unusable_or_obsolete()
+        hold, pause = _hold_and_pause(task)
+        if self.until is None:
+            if hold <= 0:
+                _database_down(task, exc, "result backend")
+            self.hold, self.until = hold, time.monotonic() + hold
+            task_log.warning(
+                "result backend unavailable (%s); holding the message until it answers "
+                "(%g s at most)",
+                exc,
+                hold,
+            )
+        elif not self.down:
+            task_log.warning("result backend unavailable again (%s)", exc)
+        self.down = True
+        # The next question, as long as this one took, must end with the hold (a time limit
+        # may follow it).
+        left = self.until - time.monotonic() - took
+        if left <= 0:
+            task_log.warning(
+                "result backend still unavailable after %g s; message requeued", self.hold
+            )
+            raise Reject(exc, requeue=True) from exc
+        try:
+            time.sleep(min(pause, left))
+        except SoftTimeLimitExceeded:
+            _soft_limit_reached(task, exc, "while the result backend was unavailable")
+
+    def answers(self) -> bool:
+        """The backend answered: True if it had not (the wait for the result starts again)."""
+        if not self.down:
+            return False
+        self.down = False
+        log.for_task(logger, self.task).info("result backend answers again")
+        return True
+
+
+def _backend_unavailable(backend: Any, exc: Exception) -> bool:
+    """Whether ``exc`` says the result backend cannot be reached (worth asking again), rather
+    than that it is broken (missing tables, a value it cannot decode)."""
+    unreachable = (
+        OperationalError, InterfaceError, OSError, TimeoutError,
+        *(getattr(backend, "connection_errors", ()) or ()),
+    )  # fmt: skip
+    return isinstance(exc, unreachable) or bool(backend.exception_safe_to_retry(exc))
 
 
 def _reused(task: ReliableTask, key: str, first: str, now: str) -> IdempotencyKeyReused:
