@@ -12,13 +12,14 @@ import contextlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from celery import Celery, signals
 from celery import Task as CeleryTask
 from celery.app.routes import MapRoute
 from celery.result import AsyncResult
+from celery.utils import time as celery_time
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
 from celery.utils.time import maybe_make_aware
@@ -106,11 +107,8 @@ class CapturingProducer:
     connection = _NoConnection()
     serializer = SERIALIZER
 
-    def __init__(self, task_name: str, *, eta: str | None = None) -> None:
+    def __init__(self, task_name: str) -> None:
         self.task_name = task_name
-        #: The ``eta`` header to give the message, for a call whose countdown or eta was kept
-        #: out of Celery's build (see ``eta_header``).
-        self.eta = eta
         self.message: CapturedMessage | None = None
         #: The first ``publish`` call's arguments as Celery passed them, for a ``Template``.
         self.call: tuple[Any, dict[str, Any]] | None = None
@@ -149,8 +147,6 @@ class CapturingProducer:
         # publishes on its own terms and counts the TTL from the absolute 'expires' header.
         headers = dict(headers or {})
         headers[ENQUEUED_AT_HEADER] = timezone.now().isoformat()
-        if self.eta is not None:
-            headers["eta"] = self.eta
         properties = {k: v for k, v in properties.items() if k in _AMQP_PROPERTIES}
         task_id = str(headers.get("id") or properties.get("correlation_id"))
         content_type, content_encoding, data = _encode_body(name, body)
@@ -677,15 +673,17 @@ def eta_header(app: Celery, countdown: Any = None, eta: Any = None) -> str | Non
     """The ``eta`` header Celery's message build writes for a call's ``countdown`` or ``eta``
     (a countdown wins), or None without either.
 
-    Reliable tasks are built without them, the header added to the captured message: with a
-    quorum queue in the Celery configuration, Celery's build sends a message that has either
-    through its native delayed delivery (its ``celery_delayed_*`` exchanges, on a topic or fanout
-    exchange) and warns for each one on a direct exchange. The relay holds the row until it is
-    due instead; delayed again by RabbitMQ after that, the task would run a countdown late.
+    Reliable tasks are built without them, the header given among the call's headers (which
+    Celery adds to the message before ``before_task_publish``): with a quorum queue in the
+    Celery configuration, Celery's build sends a message that has either through its native
+    delayed delivery (its ``celery_delayed_*`` exchanges, on a topic or fanout exchange) and
+    warns for each one on a direct exchange. The relay holds the row until it is due instead;
+    delayed again by RabbitMQ after that, the task would run a countdown late.
     """
     if countdown:
-        start = app.now()
-        eta = maybe_make_aware(start + timedelta(seconds=countdown), tz=app.timezone)
+        # Elapsed seconds, through UTC: a countdown across a change of the clocks is as long.
+        later = celery_time.add_seconds_to_datetime(app.now(), countdown)  # type: ignore[attr-defined]  # celery-types omits it
+        eta = maybe_make_aware(later, tz=app.timezone)
     if eta is None or isinstance(eta, str):
         return eta
     return str(eta.isoformat())

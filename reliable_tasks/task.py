@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 from celery import Task, shared_task, signature, states
 from celery import signals as celery_signals
 from celery.backends.rpc import RPCBackend
-from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
+from celery.exceptions import BackendError, Ignore, Reject, SoftTimeLimitExceeded
 from celery.exceptions import Retry as CeleryRetry
 from celery.result import AsyncResult
 from celery.utils.time import maybe_make_aware
@@ -30,6 +30,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError, connectio
 from django.db.models import Count
 from django.db.transaction import TransactionManagementError
 from django.utils import timezone
+from redis import exceptions as redis_exceptions
 
 from . import log, outbox, signals
 from .conf import conf
@@ -204,9 +205,12 @@ class ReliableTask(Task[Any, Any]):
     ) -> tuple[AsyncResult[Any], outbox.CapturingProducer]:
         """Celery's ``apply_async`` with a producer that keeps the message (its ``message``
         is None if Celery sent none). A countdown or an eta is kept out of Celery's build and
-        given to the message as its ``eta`` header (``outbox.eta_header``)."""
+        given to the message as its ``eta`` header (``outbox.eta_header``); headers the call
+        names itself win, as in Celery."""
         eta = outbox.eta_header(self.app, options.pop("countdown", None), options.pop("eta", None))
-        capture = outbox.CapturingProducer(self.name, eta=eta)
+        if eta is not None:
+            options["headers"] = {"eta": eta, **(options.get("headers") or {})}
+        capture = outbox.CapturingProducer(self.name)
         result: AsyncResult[Any] = super().apply_async(
             args, kwargs, producer=cast(Any, capture), **options
         )
@@ -1093,22 +1097,25 @@ def _counted_in_chord(task: ReliableTask, request: Any) -> bool:
     """
     deadline = time.monotonic() + CHORD_RESULT_WAIT
     hold = _BackendHold(task)
-    while True:
-        asked = time.monotonic()
-        try:
-            status = task.backend.get_task_meta(request.id).get("status")
-        except SoftTimeLimitExceeded as exc:
-            _soft_limit_reached(task, exc, "while the result backend was asked")
-        except Exception as exc:  # noqa: BLE001 - whatever the backend raises, it is held or goes back
-            hold.failed(exc, time.monotonic() - asked)
-            continue
-        if hold.answers():
-            deadline = time.monotonic() + CHORD_RESULT_WAIT
-        if status == states.SUCCESS:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
+    try:
+        while True:
+            asked = time.monotonic()
+            try:
+                status = task.backend.get_task_meta(request.id).get("status")
+            except SoftTimeLimitExceeded:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever the backend raises, it is held or goes back
+                hold.failed(exc, asked)
+                continue
+            if hold.answers():
+                deadline = time.monotonic() + CHORD_RESULT_WAIT
+            if status == states.SUCCESS:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+    except SoftTimeLimitExceeded as exc:
+        _soft_limit_reached(task, exc, "while the result backend was asked")
 
 
 class _BackendHold:
@@ -1129,16 +1136,19 @@ class _BackendHold:
         self.until: float | None = None
         self.down = False
 
-    def failed(self, exc: Exception, took: float) -> None:
-        """The backend raised ``exc`` after ``took`` seconds: pause, or put the message back."""
+    def failed(self, exc: Exception, asked: float) -> None:
+        """The backend raised ``exc`` to the question asked at ``asked`` (``time.monotonic()``):
+        pause, or put the message back."""
         task = self.task
         task_log = log.for_task(logger, task)
-        if cast(Any, task.request).is_eager or not _backend_unavailable(task.backend, exc):
+        if cast(Any, task.request).is_eager or not _backend_unavailable(exc):
             _database_down(task, exc, "result backend")
-        if isinstance(exc, DatabaseError):
+        if isinstance(exc, DatabaseError | InterfaceError):
             # A connection that broke stays broken until closed: the next question makes one.
             for connection in connections.all(initialized_only=True):
-                connection.close_if_unusable_or_obsolete()
+                if not connection.in_atomic_block:
+                    connection.close_if_unusable_or_obsolete()
+        took = time.monotonic() - asked
         hold, pause = _hold_and_pause(task)
         if self.until is None:
             if hold <= 0:
@@ -1175,14 +1185,24 @@ class _BackendHold:
         return True
 
 
-def _backend_unavailable(backend: Any, exc: Exception) -> bool:
+def _backend_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` says the result backend cannot be reached (worth asking again), rather
-    than that it is broken (missing tables, a value it cannot decode)."""
-    unreachable = (
-        OperationalError, InterfaceError, OSError, TimeoutError,
-        *(getattr(backend, "connection_errors", ()) or ()),
-    )  # fmt: skip
-    return isinstance(exc, unreachable) or bool(backend.exception_safe_to_retry(exc))
+    than that it is broken (a value it cannot decode, a wrong password, on PostgreSQL a missing
+    table). Celery's own retries (``result_backend_always_retry``) give up with a
+    ``BackendError`` caused by the last error, which is the one that tells."""
+    if isinstance(exc, BackendError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    if isinstance(exc, redis_exceptions.AuthenticationError):
+        return False
+    return isinstance(
+        exc,
+        OperationalError
+        | InterfaceError
+        | OSError
+        | TimeoutError
+        | redis_exceptions.ConnectionError
+        | redis_exceptions.TimeoutError,
+    )
 
 
 def _reused(task: ReliableTask, key: str, first: str, now: str) -> IdempotencyKeyReused:

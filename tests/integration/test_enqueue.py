@@ -128,6 +128,25 @@ def test_a_countdown_with_a_quorum_queue_is_held_by_the_relay_alone(
     assert not [r for r in caplog.records if "delayed delivery" in r.getMessage()]
 
 
+def test_before_task_publish_receivers_see_the_eta_of_a_countdown() -> None:
+    """The eta a reliable task's countdown gets is among the message's headers when Celery
+    sends ``before_task_publish``, as for a stock task; an eta header the call names wins."""
+    seen: list[Any] = []
+
+    def receiver(headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        seen.append((headers or {}).get("eta"))
+
+    signals.before_task_publish.connect(receiver, weak=False)
+    try:
+        record.apply_async(("countdown",), countdown=60)
+        record.apply_async(("named",), countdown=60, headers={"eta": "2030-01-01T00:00:00+00:00"})
+    finally:
+        signals.before_task_publish.disconnect(receiver)
+    rows = {r.body.split('"')[1]: r.headers["eta"] for r in OutboxMessage.objects.all()}
+    assert seen == [rows["countdown"], "2030-01-01T00:00:00+00:00"]
+    assert rows["named"] == "2030-01-01T00:00:00+00:00"
+
+
 def test_priority_expires_and_headers_are_kept_for_the_relay() -> None:
     record.apply_async(("p",), priority=7, expires=300, headers={"tenant": "acme"})
     row = OutboxMessage.objects.get()
