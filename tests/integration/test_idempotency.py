@@ -941,6 +941,31 @@ def test_prune_removes_only_keys_past_retention() -> None:
     assert list(KeyResult.objects.values_list("result", flat=True)) == ["new"]
 
 
+def duplicate_chord_member(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    backend: Any,
+    before: Callable[[], None] = lambda: None,
+) -> tuple[Any, float, list[str]]:
+    """A duplicate of a chord's member whose key is done, as a worker traces it with this
+    result backend: its outcome, how long it took, and what it logged. ``before`` runs just
+    before the trace (a fault to start)."""
+    from celery.app.trace import build_tracer
+
+    monkeypatch.setattr(record, "_backend", backend)
+    trace = build_tracer(record.name, record, app=record.app, eager=False, propagate=False)
+    request = {
+        "id": "member", "task": record.name, "group": "the-chord", "hostname": "w@test",
+        "chord": record.si("body"), "delivery_info": {"redelivered": True},
+    }  # fmt: skip
+    before()
+    started = time.monotonic()
+    with caplog.at_level("INFO", logger="reliable_tasks"):
+        outcome = trace("member", ("member",), {}, request)
+    took = time.monotonic() - started
+    return outcome, took, [entry.getMessage() for entry in caplog.records]
+
+
 @override_settings(RELIABLE_TASKS_DATABASE_DOWN_HOLD=1.5)
 def test_a_duplicate_chord_member_whose_result_backend_does_not_answer_goes_back_to_the_queue(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -948,25 +973,15 @@ def test_a_duplicate_chord_member_whose_result_backend_does_not_answer_goes_back
     """The duplicate cannot tell whether the delivery that ran was counted towards its chord:
     rather than count it twice or not at all, it holds the message while it asks again, and
     past RELIABLE_TASKS_DATABASE_DOWN_HOLD the message goes back to the queue."""
-    from celery.app.trace import build_tracer
     from celery.backends.redis import RedisBackend
 
     assert record.apply(("member",), task_id="member").get() == "member"
     # A Redis result backend where nothing listens (port 9): the backend is down.
     down = RedisBackend(app=record.app, url="redis://127.0.0.1:9/0?socket_connect_timeout=1")
-    monkeypatch.setattr(record, "_backend", down)
-    trace = build_tracer(record.name, record, app=record.app, eager=False, propagate=False)
-    request = {
-        "id": "member", "task": record.name, "group": "the-chord", "hostname": "w@test",
-        "chord": record.si("body"), "delivery_info": {"redelivered": True},
-    }  # fmt: skip
-    started = time.monotonic()
-    with caplog.at_level("INFO", logger="reliable_tasks"):
-        outcome = trace("member", ("member",), {}, request)
-    assert 1.4 < time.monotonic() - started < 5.0
+    outcome, took, messages = duplicate_chord_member(monkeypatch, caplog, down)
+    assert 1.4 < took < 5.0
     assert outcome.info.state == "REJECTED"
     assert outcome.info.retval.requeue is True
-    messages = [entry.getMessage() for entry in caplog.records]
     assert sum("holding the message until it answers (1.5 s at most)" in m for m in messages) == 1
     assert sum("result backend still unavailable after 1.5 s" in m for m in messages) == 1
     # Nothing ran again, and the delivery is no failed attempt.
@@ -979,28 +994,18 @@ def test_a_result_backend_that_answers_with_an_error_is_not_held(
 ) -> None:
     """A backend that answers, but cannot give the result (here a stored value it cannot
     decode), will not get better by waiting: the message goes back after one pause, unheld."""
-    from celery.app.trace import build_tracer
     from celery.backends.redis import RedisBackend
 
     assert record.apply(("member",), task_id="member").get() == "member"
     backend = RedisBackend(app=record.app, url="redis://127.0.0.1:6379/14")
     backend.client.set(backend.get_key_for_task("member"), b"{not json")
-    monkeypatch.setattr(record, "_backend", backend)
-    trace = build_tracer(record.name, record, app=record.app, eager=False, propagate=False)
-    request = {
-        "id": "member", "task": record.name, "group": "the-chord", "hostname": "w@test",
-        "chord": record.si("body"), "delivery_info": {"redelivered": True},
-    }  # fmt: skip
-    started = time.monotonic()
     try:
-        with caplog.at_level("INFO", logger="reliable_tasks"):
-            outcome = trace("member", ("member",), {}, request)
+        outcome, took, messages = duplicate_chord_member(monkeypatch, caplog, backend)
     finally:
         backend.forget("member")
-    assert time.monotonic() - started < 5.0  # one pause, not the hold of a minute
+    assert took < 5.0  # one pause, not the hold of a minute
     assert outcome.info.state == "REJECTED"
     assert outcome.info.retval.requeue is True
-    messages = [entry.getMessage() for entry in caplog.records]
     assert not any("holding the message" in m for m in messages)
     assert sum("result backend unavailable" in m and "requeued" in m for m in messages) == 1
 
@@ -1015,29 +1020,22 @@ def test_a_duplicate_chord_member_holds_its_message_until_the_result_backend_ans
     then goes on as if nothing happened. It is not put back once a second, each a redelivery
     that a quorum queue counts against its delivery limit."""
     from celery import states
-    from celery.app.trace import build_tracer
     from celery.backends.redis import RedisBackend
 
     assert record.apply(("member",), task_id="member").get() == "member"
     proxy = TcpProxy(6379)
     restore = threading.Timer(3.0, proxy.restore)
+
+    def cut() -> None:
+        proxy.cut()
+        restore.start()
+
     try:
         backend = RedisBackend(
             app=record.app, url=f"redis://127.0.0.1:{proxy.port}/14?socket_connect_timeout=1"
         )
         backend.store_result("member", "member", states.SUCCESS)  # the first delivery counted
-        monkeypatch.setattr(record, "_backend", backend)
-        trace = build_tracer(record.name, record, app=record.app, eager=False, propagate=False)
-        request = {
-            "id": "member", "task": record.name, "group": "the-chord", "hostname": "w@test",
-            "chord": record.si("body"), "delivery_info": {"redelivered": True},
-        }  # fmt: skip
-        proxy.cut()
-        restore.start()
-        started = time.monotonic()
-        with caplog.at_level("INFO", logger="reliable_tasks"):
-            outcome = trace("member", ("member",), {}, request)
-        held = time.monotonic() - started
+        outcome, held, messages = duplicate_chord_member(monkeypatch, caplog, backend, cut)
     finally:
         restore.cancel()
         proxy.close()
@@ -1045,7 +1043,6 @@ def test_a_duplicate_chord_member_holds_its_message_until_the_result_backend_ans
     assert held >= 3.0
     assert outcome.info is None  # a success
     assert outcome.retval == "member"  # the stored result, the task not run again
-    messages = [entry.getMessage() for entry in caplog.records]
     assert sum("result backend unavailable" in m for m in messages) == 1
     assert sum("result backend answers again" in m for m in messages) == 1
     assert list(Effect.objects.values_list("key", flat=True)) == ["member"]
