@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 from celery import Task, shared_task, signature, states
 from celery import signals as celery_signals
 from celery.backends.rpc import RPCBackend
+from celery.concurrency import get_implementation as get_pool_implementation
 from celery.exceptions import BackendError, Ignore, Reject, SoftTimeLimitExceeded
 from celery.exceptions import Retry as CeleryRetry
 from celery.result import AsyncResult
@@ -561,14 +562,37 @@ def _soft_limit_reached(
 #: The time limits the worker was started with (``--time-limit``, ``--soft-time-limit``, or
 #: Celery's settings), set in its main process before the pool's processes are made.
 _worker_time_limits: tuple[float | None, float | None] = (None, None)
+#: Whether the worker's pool enforces a hard and a soft time limit, set with the limits.
+#: Outside a worker, and for pools not known here, both are taken as enforced.
+_limits_enforced: tuple[bool, bool] = (True, True)
+#: Celery's pools by module: prefork enforces both limits, gevent the hard one only (a
+#: timeout on the greenlet), eventlet, threads and solo neither.
+_POOL_LIMITS = {
+    "celery.concurrency.prefork": (True, True),
+    "celery.concurrency.gevent": (True, False),
+    "celery.concurrency.eventlet": (False, False),
+    "celery.concurrency.thread": (False, False),
+    "celery.concurrency.solo": (False, False),
+}
 
 
 def _remember_worker_time_limits(sender: Any = None, **kwargs: Any) -> None:
-    global _worker_time_limits
+    global _worker_time_limits, _limits_enforced
     _worker_time_limits = (
         getattr(sender, "time_limit", None),
         getattr(sender, "soft_time_limit", None),
     )
+    _limits_enforced = _pool_limits(getattr(sender, "pool_cls", None))
+
+
+def _pool_limits(pool: Any) -> tuple[bool, bool]:
+    """Which time limits (hard, soft) the worker pool ``pool`` (an alias such as "solo", or a
+    class) enforces."""
+    try:
+        pool_cls = get_pool_implementation(pool) if pool else None
+    except Exception:  # noqa: BLE001 - a pool not known here is taken to enforce both
+        return True, True
+    return _POOL_LIMITS.get(getattr(pool_cls, "__module__", ""), (True, True))
 
 
 celery_signals.worker_init.connect(
@@ -578,7 +602,8 @@ celery_signals.worker_init.connect(
 
 def _time_left(task: ReliableTask) -> float | None:
     """Seconds before the first time limit of the execution in hand, if it has one: the
-    message's own, else the task's, else the worker's."""
+    message's own, else the task's, else the worker's; only limits the worker's pool enforces
+    (under the solo or threads pool, none)."""
     request = cast(Any, task.request)
     started = getattr(request, "reliable_started", None)
     if started is None:
@@ -588,11 +613,15 @@ def _time_left(task: ReliableTask) -> float | None:
     worker_hard, worker_soft = _worker_time_limits
     limits = [
         limit
-        for limit in (
-            hard or task.time_limit or worker_hard or app_conf.task_time_limit,
-            soft or task.soft_time_limit or worker_soft or app_conf.task_soft_time_limit,
+        for limit, enforced in zip(
+            (
+                hard or task.time_limit or worker_hard or app_conf.task_time_limit,
+                soft or task.soft_time_limit or worker_soft or app_conf.task_soft_time_limit,
+            ),
+            _limits_enforced,
+            strict=True,
         )
-        if limit
+        if limit and enforced
     ]
     if not limits:
         return None

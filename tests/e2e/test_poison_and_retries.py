@@ -318,6 +318,36 @@ def test_the_hold_ends_before_the_tasks_time_limit(
     assert not DeadTask.objects.exists()
 
 
+@pytest.mark.postgres  # the outage is a cut proxy in front of PostgreSQL
+def test_under_the_solo_pool_time_limits_do_not_shorten_the_hold(
+    broker: Broker, processes: ProcessFactory
+) -> None:
+    """The solo pool enforces no time limit (nor does the threads pool): the worker's
+    ``--time-limit`` would end the hold after three seconds, the message going back once per
+    three seconds of an outage, for a limit that never comes. The hold is the setting's."""
+    proxy = TcpProxy(int(os.environ.get("PGPORT", "5432")))
+    try:
+        processes.relay()
+        proxy.cut()
+        worker = processes.worker(
+            env={"PGPORT": str(proxy.port)},
+            extra=("-P", "solo", "--soft-time-limit", "4", "--time-limit", "5"),
+        )
+        record.delay("solo-outage")
+        wait_for_hold(worker, processes)
+        held(worker, processes, 7.0)  # past both limits
+        proxy.restore()
+        wait_for(lambda: effects("solo-outage"), timeout=60, what="the task to run afterwards")
+        wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")
+    finally:
+        proxy.close()
+    log = processes.log_of(worker)
+    assert "holding the message until it answers (60 s at most)" in log
+    assert "database still unavailable after" not in log
+    assert effects("solo-outage") == ["solo-outage"]
+    assert not DeadTask.objects.exists()
+
+
 EAGER_CALL = """
 import time
 
