@@ -483,65 +483,115 @@ def _record_attempt(
 def _database_down(
     task: ReliableTask,
     exc: Exception,
-    what: str = "database",
     *,
     reachable: bool | None = None,
     started_at: datetime | None = None,
     key: str = "",
 ) -> NoReturn:
-    """The database is the ledger: without it nothing may run or be recorded (nor, for a
-    chord's member, without its result backend, ``what``).
+    """The database is the ledger: without it nothing may run or be recorded.
 
     In atomic mode whatever ran was rolled back; in lease mode the lease runs out. The message
-    goes back to the queue, after a pause, and runs again when the service is back. While the
-    database does not answer, the worker holds the message instead, up to
-    ``RELIABLE_TASKS_DATABASE_DOWN_HOLD``, and puts it back once it answers: an outage returns
-    the message once, not once a pause, and each return counts against a quorum queue's
-    delivery limit. Once it answers the requeue is recorded (``started_at``, ``key``), so that
-    the redelivery does not count towards a crash loop. The hold ends before the execution's
-    time limit, which would otherwise fail the task (soft) or kill its process (hard).
+    goes back to the queue, after a pause, and runs again when the database is back. While it
+    does not answer, the worker holds the message instead (``_Hold``), and puts it back once
+    it answers: an outage returns the message once, not once a pause, and each return counts
+    against a quorum queue's delivery limit. Once it answers the requeue is recorded
+    (``started_at``, ``key``), so that the redelivery does not count towards a crash loop.
     ``reachable``: whether the database answered just now, if that is known. An eager call
     (``apply()``) neither pauses nor holds.
     """
     request = cast(Any, task.request)
     if request.is_eager:
         raise Reject(exc, requeue=True) from exc
-    task_log = log.for_task(logger, task)
-    hold, pause = _hold_and_pause(task)
     try:
-        if (
-            what != "database"
-            or hold <= 0
-            or (_database_reachable() if reachable is None else reachable)
-        ):
-            task_log.warning("%s unavailable (%s); message requeued", what, exc)
-            time.sleep(pause)
-            raise Reject(exc, requeue=True) from exc
-        task_log.warning(
-            "database unavailable (%s); holding the message until it answers (%g s at most)",
-            exc,
-            hold,
-        )
-        deadline = time.monotonic() + hold
+        if _database_reachable() if reachable is None else reachable:
+            _put_back(task, exc, "database")
+        hold, asked = _Hold(task, "database"), time.monotonic()
         while True:
-            time.sleep(max(0.0, min(DATABASE_DOWN_PAUSE, deadline - time.monotonic())))
+            hold.wait(exc, asked)
+            asked = time.monotonic()
             if _database_reachable():
-                task_log.info("database answers again; message requeued")
+                log.for_task(logger, task).info("database answers again; message requeued")
                 if started_at is not None:
                     _record_requeue(task, request, exc, started_at, key)
                 break
-            if time.monotonic() >= deadline:
-                task_log.warning("database still unavailable after %g s; message requeued", hold)
-                break
+    except SoftTimeLimitExceeded:
+        _soft_limit_reached(task, exc)
+    raise Reject(exc, requeue=True) from exc
+
+
+def _put_back(task: ReliableTask, exc: Exception, what: str) -> NoReturn:
+    """``what`` (a service) failed and the message is not held: it goes back to the queue
+    after a pause (an eager call, which has no message, at once)."""
+    if cast(Any, task.request).is_eager:
+        raise Reject(exc, requeue=True) from exc
+    log.for_task(logger, task).warning("%s unavailable (%s); message requeued", what, exc)
+    try:
+        time.sleep(_hold_and_pause(task)[1])
     except SoftTimeLimitExceeded:
         _soft_limit_reached(task, exc, f"while the {what} was unavailable")
     raise Reject(exc, requeue=True) from exc
 
 
+class _Hold:
+    """One execution's hold of its message while a service (``what``: the database, the
+    result backend) does not answer, asking it again each pause.
+
+    The hold is one for the execution, however often the service comes and goes: it ends after
+    ``RELIABLE_TASKS_DATABASE_DOWN_HOLD``, and before the task's first time limit, counting the
+    time a question takes; then the message goes back. Put back at each failure, it would spend
+    a quorum queue's delivery limit in as many pauses.
+    """
+
+    def __init__(self, task: ReliableTask, what: str) -> None:
+        self.task, self.what = task, what
+        self.hold, self.pause = 0.0, DATABASE_DOWN_PAUSE
+        self.until: float | None = None
+        self.down = False
+
+    def wait(self, exc: Exception, asked: float) -> None:
+        """The service did not answer the question asked at ``asked`` (``time.monotonic()``):
+        pause before the next, or put the message back once the hold is spent (or is none)."""
+        task, what = self.task, self.what
+        task_log = log.for_task(logger, task)
+        took = time.monotonic() - asked
+        if self.until is None:
+            self.hold, self.pause = _hold_and_pause(task)
+            if self.hold <= 0:
+                _put_back(task, exc, what)
+            self.until = time.monotonic() + self.hold
+            task_log.warning(
+                "%s unavailable (%s); holding the message until it answers (%g s at most)",
+                what,
+                exc,
+                self.hold,
+            )
+        elif not self.down:
+            task_log.warning("%s unavailable again (%s)", what, exc)
+        self.down = True
+        # The next question, as long as this one took, must end with the hold (a time limit
+        # may follow it).
+        left = self.until - time.monotonic() - took
+        if left <= 0:
+            task_log.warning("%s still unavailable after %g s; message requeued", what, self.hold)
+            raise Reject(exc, requeue=True) from exc
+        try:
+            time.sleep(min(self.pause, left))
+        except SoftTimeLimitExceeded:
+            _soft_limit_reached(task, exc, f"while the {what} was unavailable")
+
+    def answers(self) -> bool:
+        """The service answered: True if it had not."""
+        down, self.down = self.down, False
+        return down
+
+
 def _hold_and_pause(task: ReliableTask) -> tuple[float, float]:
     """How long the execution in hand may hold its message while a service does not answer
     (``RELIABLE_TASKS_DATABASE_DOWN_HOLD``, ending two pauses before its first time limit),
-    and the pause between two questions (shorter when the limit is that close)."""
+    and the pause between two questions (shorter when the limit is that close). An eager call
+    (``apply()``), which has no message, neither holds nor pauses."""
+    if cast(Any, task.request).is_eager:
+        return 0.0, 0.0
     hold = float(conf.DATABASE_DOWN_HOLD)
     left = _time_left(task)
     if left is None:
@@ -1125,7 +1175,7 @@ def _counted_in_chord(task: ReliableTask, request: Any) -> bool:
     all, the chord would be lost. The wait for the result counts from when the backend answers.
     """
     deadline = time.monotonic() + CHORD_RESULT_WAIT
-    hold = _BackendHold(task)
+    hold = _Hold(task, "result backend")
     try:
         while True:
             asked = time.monotonic()
@@ -1134,9 +1184,10 @@ def _counted_in_chord(task: ReliableTask, request: Any) -> bool:
             except SoftTimeLimitExceeded:
                 raise
             except Exception as exc:  # noqa: BLE001 - whatever the backend raises, it is held or goes back
-                hold.failed(exc, asked)
+                _result_backend_down(hold, exc, asked)
                 continue
             if hold.answers():
+                log.for_task(logger, task).info("result backend answers again")
                 deadline = time.monotonic() + CHORD_RESULT_WAIT
             if status == states.SUCCESS:
                 return True
@@ -1147,71 +1198,17 @@ def _counted_in_chord(task: ReliableTask, request: Any) -> bool:
         _soft_limit_reached(task, exc, "while the result backend was asked")
 
 
-class _BackendHold:
-    """One execution's hold of its message while the result backend does not answer.
-
-    A failure that says the backend is unreachable (a connection error, a database that does
-    not answer) is followed by a pause and another question, the message held meanwhile. The
-    hold is one for the execution, however often the backend comes and goes: it ends after
-    ``RELIABLE_TASKS_DATABASE_DOWN_HOLD``, and before the task's first time limit, counting the
-    time a question takes. Then, or for any other error, or for an eager call (which holds
-    nothing), the message goes back. Put back at each failure, it would spend a quorum queue's
-    delivery limit in as many pauses.
-    """
-
-    def __init__(self, task: ReliableTask) -> None:
-        self.task = task
-        self.hold = 0.0
-        self.until: float | None = None
-        self.down = False
-
-    def failed(self, exc: Exception, asked: float) -> None:
-        """The backend raised ``exc`` to the question asked at ``asked`` (``time.monotonic()``):
-        pause, or put the message back."""
-        task = self.task
-        task_log = log.for_task(logger, task)
-        if cast(Any, task.request).is_eager or not _backend_unavailable(exc):
-            _database_down(task, exc, "result backend")
-        if isinstance(exc, DatabaseError | InterfaceError):
-            # A connection that broke stays broken until closed: the next question makes one.
-            for connection in connections.all(initialized_only=True):
-                if not connection.in_atomic_block:
-                    connection.close_if_unusable_or_obsolete()
-        took = time.monotonic() - asked
-        hold, pause = _hold_and_pause(task)
-        if self.until is None:
-            if hold <= 0:
-                _database_down(task, exc, "result backend")
-            self.hold, self.until = hold, time.monotonic() + hold
-            task_log.warning(
-                "result backend unavailable (%s); holding the message until it answers "
-                "(%g s at most)",
-                exc,
-                hold,
-            )
-        elif not self.down:
-            task_log.warning("result backend unavailable again (%s)", exc)
-        self.down = True
-        # The next question, as long as this one took, must end with the hold (a time limit
-        # may follow it).
-        left = self.until - time.monotonic() - took
-        if left <= 0:
-            task_log.warning(
-                "result backend still unavailable after %g s; message requeued", self.hold
-            )
-            raise Reject(exc, requeue=True) from exc
-        try:
-            time.sleep(min(pause, left))
-        except SoftTimeLimitExceeded:
-            _soft_limit_reached(task, exc, "while the result backend was unavailable")
-
-    def answers(self) -> bool:
-        """The backend answered: True if it had not (the wait for the result starts again)."""
-        if not self.down:
-            return False
-        self.down = False
-        log.for_task(logger, self.task).info("result backend answers again")
-        return True
+def _result_backend_down(hold: _Hold, exc: Exception, asked: float) -> None:
+    """The result backend raised ``exc``: held while it cannot be reached; an error that says
+    it is broken puts the message back at once, as waiting will not mend it."""
+    if not _backend_unavailable(exc):
+        _put_back(hold.task, exc, "result backend")
+    if isinstance(exc, DatabaseError | InterfaceError):
+        # A connection that broke stays broken until closed: the next question makes one.
+        for connection in connections.all(initialized_only=True):
+            if not connection.in_atomic_block:
+                connection.close_if_unusable_or_obsolete()
+    hold.wait(exc, asked)
 
 
 def _backend_unavailable(exc: BaseException) -> bool:

@@ -216,6 +216,14 @@ def held(worker: Any, processes: ProcessFactory, seconds: float) -> None:
     assert processes.log_of(worker).count("database unavailable") == 1
 
 
+def runs_once_the_database_is_back(proxy: TcpProxy, key: str) -> None:
+    """Restore the database behind ``proxy``: the held task (effect ``key``) runs, and its
+    message is acknowledged."""
+    proxy.restore()
+    wait_for(lambda: effects(key), timeout=60, what="the task to run afterwards")
+    wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")
+
+
 @pytest.mark.postgres  # the outage is a cut proxy in front of PostgreSQL
 def test_a_worker_holds_a_message_while_the_database_is_down_and_runs_it_once_it_answers(
     broker: Broker, processes: ProcessFactory, signal_env: dict[str, str]
@@ -233,11 +241,7 @@ def test_a_worker_holds_a_message_while_the_database_is_down_and_runs_it_once_it
         wait_for_hold(worker, processes)
         held(worker, processes, 4.0)
         assert not effects("through-an-outage")
-        proxy.restore()
-        wait_for(
-            lambda: effects("through-an-outage"), timeout=60, what="the task to run afterwards"
-        )
-        wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")
+        runs_once_the_database_is_back(proxy, "through-an-outage")
     finally:
         proxy.close()
     assert "database answers again; message requeued" in processes.log_of(worker)
@@ -272,9 +276,7 @@ def test_a_message_held_longer_than_the_hold_goes_back_and_is_held_again(
             worker
         )
         assert not effects("past-the-hold")
-        proxy.restore()
-        wait_for(lambda: effects("past-the-hold"), timeout=60, what="the task to run afterwards")
-        wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")
+        runs_once_the_database_is_back(proxy, "past-the-hold")
     finally:
         proxy.close()
     assert effects("past-the-hold") == ["past-the-hold"]
@@ -302,9 +304,7 @@ def test_the_hold_ends_before_the_tasks_time_limit(
         task_id = record.apply_async(("time-limited",), **limits).id
         wait_for_hold(worker, processes)
         time.sleep(8.0)  # past both limits of the first delivery
-        proxy.restore()
-        wait_for(lambda: effects("time-limited"), timeout=60, what="the task to run afterwards")
-        wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")
+        runs_once_the_database_is_back(proxy, "time-limited")
     finally:
         proxy.close()
     log = processes.log_of(worker)
@@ -336,9 +336,7 @@ def test_under_the_solo_pool_time_limits_do_not_shorten_the_hold(
         record.delay("solo-outage")
         wait_for_hold(worker, processes)
         held(worker, processes, 7.0)  # past both limits
-        proxy.restore()
-        wait_for(lambda: effects("solo-outage"), timeout=60, what="the task to run afterwards")
-        wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")
+        runs_once_the_database_is_back(proxy, "solo-outage")
     finally:
         proxy.close()
     log = processes.log_of(worker)
