@@ -42,8 +42,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
-from django.utils.text import Truncator
-from kombu import serialization
+from django.utils.text import Truncator, smart_split, unescape_string_literal
 
 from . import dead
 from .conf import conf
@@ -240,6 +239,10 @@ class _MessageFields:
         return pretty_json(obj.properties)
 
 
+#: The dead task's columns the admin's search looks in, beside its arguments.
+_SEARCHED_COLUMNS = ("task_id", "idempotency_key", "task_name", "exc_type", "exc_message")
+
+
 @admin.register(DeadTask)
 class DeadTaskAdmin(_MessageFields, ReadOnlyAdmin[DeadTask]):
     """Dead tasks: what failed and how, and the acts that send them again or put them aside."""
@@ -260,16 +263,8 @@ class DeadTaskAdmin(_MessageFields, ReadOnlyAdmin[DeadTask]):
         "status",
         ("last_failed_at", LastFailureFilter),
     )
-    # args_text and kwargs_text are annotations added in get_search_results.
-    search_fields = (
-        "task_id",
-        "idempotency_key",
-        "task_name",
-        "exc_type",
-        "exc_message",
-        "args_text",
-        "kwargs_text",
-    )
+    # Searched by get_search_results, with the arguments' JSON as text.
+    search_fields = _SEARCHED_COLUMNS
     search_help_text = (
         "Task id, idempotency key, task name, exception class or message, or text in the arguments."
     )
@@ -384,12 +379,26 @@ class DeadTaskAdmin(_MessageFields, ReadOnlyAdmin[DeadTask]):
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[DeadTask], search_term: str
     ) -> tuple[QuerySet[DeadTask], bool]:
-        if search_term:
-            # JSON as text: the same icontains works on PostgreSQL's jsonb and SQLite's JSON text.
-            queryset = queryset.annotate(
-                args_text=Cast("args", TextField()), kwargs_text=Cast("kwargs", TextField())
-            )
-        return super().get_search_results(request, queryset, search_term)
+        """Django's search (every word found in one of the fields), where a word is also
+        looked for in the arguments' JSON as text, as each database writes it there: with its
+        quotes and backslashes escaped, and its other characters as they are (PostgreSQL) or as
+        \\u escapes (SQLite), so that ``Zürich`` or ``C:\\tmp`` finds the arguments that hold it."""
+        if not search_term:
+            return super().get_search_results(request, queryset, search_term)
+        queryset = queryset.annotate(
+            args_text=Cast("args", TextField()), kwargs_text=Cast("kwargs", TextField())
+        )
+        words = []
+        for word in smart_split(search_term):
+            if word.startswith(('"', "'")) and word[0] == word[-1]:
+                word = unescape_string_literal(word)
+            found = Q()
+            for name in _SEARCHED_COLUMNS:
+                found |= Q(**{f"{name}__icontains": word})
+            for text in {word, json.dumps(word)[1:-1], json.dumps(word, ensure_ascii=False)[1:-1]}:
+                found |= Q(args_text__icontains=text) | Q(kwargs_text__icontains=text)
+            words.append(found)
+        return queryset.filter(*words), False
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
@@ -970,8 +979,8 @@ class OutboxMessageAdmin(_MessageFields, ReadOnlyAdmin[OutboxMessage]):
     @admin.display(description="arguments")
     def arguments(self, obj: OutboxMessage) -> SafeString | str:
         try:
-            args, kwargs, _embed = serialization.loads(
-                obj.body, obj.content_type, obj.content_encoding, accept=[obj.content_type]
+            args, kwargs, _embed = dead.decode_body(
+                obj.body, obj.content_type, obj.content_encoding
             )
         except Exception as exc:  # noqa: BLE001 - any decoding failure is shown, not raised
             return f"(cannot decode the body: {exc})"

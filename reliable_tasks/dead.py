@@ -19,6 +19,7 @@ from django.db import transaction
 from django.db.models import Field, QuerySet
 from django.utils import timezone
 from kombu import serialization
+from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.utils import json as kombu_json
 
 from . import amqp_frames, log, pruning, signals
@@ -45,6 +46,12 @@ STALE_ON_REQUEUE = ("sentry-task-enqueued-time",)
 
 MAX_TRACEBACK = 16 * 1024
 MAX_MESSAGE = 4 * 1024
+
+#: The formats a message body is decoded from here (a dead task's arguments, a requeue with
+#: new arguments, the admin's display): those whose decoding cannot run code. A body is never
+#: unpickled, whatever content type its message claims: anyone who can publish to a queue
+#: could otherwise run code in the worker that captures it or the web process that shows it.
+SAFE_CONTENT_TYPES = ("application/json", "application/x-msgpack", "application/x-yaml")
 
 
 class CannotRequeue(ReliableTasksError):
@@ -182,9 +189,7 @@ def capture_raw(message: RawMessage, *, reason: str, error: str, queue: str = ""
     kwargs: Any = None
     if content_encoding != "base64":
         try:
-            decoded = serialization.loads(
-                body, message.content_type, content_encoding, accept=[message.content_type]
-            )
+            decoded = decode_body(body, message.content_type, content_encoding)
             args, kwargs = decoded[0], decoded[1]
         except Exception:  # noqa: BLE001 - an undecodable body is what this function is for
             pass
@@ -404,12 +409,35 @@ def discard_many(dead_tasks: QuerySet[DeadTask], *, user: str = "", batch_size: 
     return done
 
 
+def decode_body(body: bytes | str, content_type: str, content_encoding: str) -> Any:
+    """A message body decoded from one of ``SAFE_CONTENT_TYPES``; kombu's ``ContentDisallowed``
+    for any other (pickle above all), its ``DecodeError`` for a body that is not what its
+    content type says."""
+    return serialization.loads(body, content_type, content_encoding, accept=SAFE_CONTENT_TYPES)
+
+
 def _reencode(
     dead: DeadTask, args: Sequence[Any] | None, kwargs: dict[str, Any] | None
 ) -> tuple[str, str, str]:
-    old_args, old_kwargs, embed = serialization.loads(
-        dead.body, dead.content_type, dead.content_encoding, accept=[dead.content_type]
-    )
+    try:
+        decoded = decode_body(dead.body, dead.content_type, dead.content_encoding)
+    except ContentDisallowed:
+        raise CannotRequeue(
+            f"dead task {dead.pk} has a body of type {dead.content_type!r}, which is not decoded "
+            "here (only JSON, msgpack and YAML are: decoding pickle could run code); requeue it "
+            "without new arguments."
+        ) from None
+    except DecodeError as exc:
+        raise CannotRequeue(
+            f"the body of dead task {dead.pk} is not valid {dead.content_type!r} ({exc}); it "
+            "cannot take new arguments. Requeue it as it is, or discard it."
+        ) from None
+    if not (isinstance(decoded, list | tuple) and len(decoded) == 3):
+        raise CannotRequeue(
+            f"the body of dead task {dead.pk} is not a Celery task message (args, kwargs, embed); "
+            "it cannot take new arguments. Requeue it as it is, or discard it."
+        )
+    old_args, old_kwargs, embed = decoded
     new_body = [
         list(args) if args is not None else old_args,
         kwargs if kwargs is not None else old_kwargs,

@@ -103,16 +103,44 @@ def _parse(text: str, what: str, *, default: Any) -> Any:
     if not text:
         return default
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        value = json.loads(text, parse_constant=_refuse_constant)
+        # What the database and the message take: text that is valid Unicode, without NUL.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
     except json.JSONDecodeError as exc:
         raise forms.ValidationError(
             f"{what} are not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno}).",
             code="invalid_json",
         ) from exc
+    except RecursionError:
+        raise forms.ValidationError(
+            f"{what} are nested too deeply to be read; flatten them.", code="too_deep"
+        ) from None
+    except UnicodeEncodeError:
+        raise forms.ValidationError(
+            f"{what} hold a string that is not valid Unicode text (a lone surrogate such as "
+            "\\ud800); remove it.",
+            code="invalid_text",
+        ) from None
     except ValueError as exc:
         raise forms.ValidationError(
             f"{what} are not valid JSON: {exc}", code="invalid_json"
         ) from exc
+    if _holds_nul(value):
+        raise forms.ValidationError(
+            f"{what} hold a NUL character (\\u0000), which the database cannot store; remove it.",
+            code="invalid_text",
+        )
+    return value
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False
 
 
 def _refuse_constant(name: str) -> Any:

@@ -31,6 +31,7 @@ from django.utils import timezone
 from kombu import serialization
 
 from .conf import conf
+from .dead import decode_body
 from .models import OutboxMessage, OutboxStatus
 from .relay import get_celery_app
 
@@ -145,9 +146,7 @@ def _continue_chain(entry: Enqueued, result: Any) -> None:
 
 
 def _decode(row: OutboxMessage) -> Enqueued:
-    args, kwargs, embed = serialization.loads(
-        row.body, row.content_type, row.content_encoding, accept=[row.content_type]
-    )
+    args, kwargs, embed = decode_body(row.body, row.content_type, row.content_encoding)
     return Enqueued(
         id=row.id, task_name=row.task_name, task_id=row.task_id, args=tuple(args), kwargs=kwargs,
         headers=row.headers, queue=row.queue, due_at=row.due_at, embed=embed or {},

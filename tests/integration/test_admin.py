@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import pickle
 import re
 import uuid
 from datetime import timedelta
@@ -726,3 +727,115 @@ def test_the_ledger_and_attempt_admins_are_read_only_and_searchable() -> None:
     assert "Traceback &lt;here&gt;" in detail
     for model in ("idempotencykey", "taskattempt", "relayheartbeat"):
         assert client.get(reverse(f"admin:reliable_tasks_{model}_add")).status_code == 403
+
+
+# -- bodies that must not be decoded, and arguments the database cannot take -------------------------
+
+
+class _RunsCode:
+    """Unpickled, this touches ``path``: the proof that a pickle body was decoded."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (exec, (f"import pathlib; pathlib.Path({self.path!r}).touch()",))
+
+
+def test_a_pickle_body_is_never_unpickled_not_at_capture_display_or_requeue(
+    tmp_path: Any,
+) -> None:
+    """Anyone who can publish to a queue could send a message for an unknown task with a
+    pickle body: capturing it as a dead task, showing it and its requeued outbox row in the
+    admin, and requeueing it with edited arguments leave it undecoded."""
+    ran = tmp_path / "unpickled"
+    body = pickle.dumps([[_RunsCode(str(ran))], {}, {}], protocol=0)
+    raw = dead_tasks.capture_raw(
+        dead_tasks.RawMessage(
+            headers={"task": "tests.testapp.tasks.record", "id": "pickled-1"},
+            properties={},
+            body=body,
+            content_type="application/x-python-serialize",
+            content_encoding="utf-8",  # protocol 0 is ASCII: kept as text, as a JSON body is
+        ),
+        reason="unregistered",
+        error="no such task",
+    )
+    assert (raw.args, raw.kwargs) == (None, None)
+    client = login(superuser=True)
+    assert "pickled-1" in text(client.get(url("change", raw.pk)))
+    response = client.post(
+        url("requeue_edited", raw.pk), {"args": '["a"]', "kwargs": "{}", "key": "keep"}
+    )
+    assert "which is not decoded here (only JSON, msgpack and YAML are" in " ".join(
+        messages_of(response) or [text(response)]
+    )
+    raw.refresh_from_db()
+    assert raw.status == DeadStatus.DEAD
+    # Requeued as it is, its outbox row's page shows the body undecoded too.
+    client.post(url("requeue", raw.pk), {"key": "keep"})
+    row = OutboxMessage.objects.get(task_id="pickled-1")
+    detail = text(client.get(reverse("admin:reliable_tasks_outboxmessage_change", args=[row.pk])))
+    assert "cannot decode the body" in detail
+    assert "Refusing to deserialize" in html.unescape(detail)
+    assert not ran.exists()
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ('{"not": "a list"', "is not valid 'application/json'"),
+        ('[["a"], {}]', "is not a Celery task message (args, kwargs, embed)"),
+    ],
+)
+def test_requeue_with_edited_arguments_of_a_body_that_is_no_task_message_says_why(
+    body: str, why: str
+) -> None:
+    """Stored as text (valid UTF-8), such a body is offered the edited requeue; the admin
+    says why it cannot take new arguments instead of failing with a server error."""
+    dead = make_dead_task(record, "a")
+    DeadTask.objects.filter(pk=dead.pk).update(body=body)
+    client = login(superuser=True)
+    response = client.post(
+        url("requeue_edited", dead.pk), {"args": '["b"]', "kwargs": "{}", "key": "keep"}
+    )
+    page = " ".join(messages_of(response)) or text(response)
+    assert why in page
+    assert "Requeue it as it is, or discard it." in page
+    dead.refresh_from_db()
+    assert dead.status == DeadStatus.DEAD
+    assert not OutboxMessage.objects.filter(status=OutboxStatus.PENDING).exists()
+    assert not LogEntry.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        ("[" * 100_000, "nested too deeply to be read"),
+        ('["\\ud800"]', "not valid Unicode text (a lone surrogate"),
+        ('["a\\u0000b"]', "a NUL character (\\u0000), which the database cannot store"),
+    ],
+)
+def test_edited_arguments_the_database_cannot_take_are_refused_with_the_reason(
+    args: str, error: str
+) -> None:
+    client = login(superuser=True)
+    dead = make_dead_task(record, "a")
+    page = text(
+        client.post(url("requeue_edited", dead.pk), {"args": args, "kwargs": "{}", "key": "keep"})
+    )
+    assert error in html.unescape(page)
+    assert "nothing was requeued" in page
+    assert DeadTask.objects.get().status == DeadStatus.DEAD
+    assert not LogEntry.objects.exists()
+
+
+@pytest.mark.parametrize("term", ["Zürich", "C:\\tmp", 'say "hi"', '"say \\"hi\\""'])
+def test_search_finds_arguments_with_characters_json_escapes(term: str) -> None:
+    """JSON escapes quotes and backslashes, and SQLite's JSON text writes non-ASCII letters
+    as \\u escapes: a search for the text as the task got it finds it all the same."""
+    client = login(superuser=True)
+    wanted = make_dead_task(record, 'to Zürich via C:\\tmp, say "hi"')
+    make_dead_task(record, "elsewhere")
+    page = text(client.get(reverse(CHANGELIST), {"q": term}))
+    assert set(re.findall(r"/deadtask/(\d+)/change/", page)) == {str(wanted.pk)}
