@@ -214,7 +214,7 @@ def capture_raw(message: RawMessage, *, reason: str, error: str, queue: str = ""
         properties=_plain(message.properties or {}),
         body=body,
         reason=reason,
-        exc_message=without_nul(truncate(error, MAX_MESSAGE)),
+        exc_message=truncate(error, MAX_MESSAGE),
         first_failed_at=now,
         last_failed_at=now,
     )
@@ -463,12 +463,25 @@ def _announce(dead: DeadTask, exc: BaseException | None = None) -> None:
 
 
 def qualname(exc: BaseException) -> str:
+    """The exception's class by its full name, cut to the 255 characters its columns take."""
     cls = type(exc)
-    return f"{cls.__module__}.{cls.__qualname__}"
+    return column_text(f"{cls.__module__}.{cls.__qualname__}")[:255]
 
 
 def truncate(text: str, limit: int) -> str:
+    """``text`` as every database's text column takes it, cut to ``limit`` characters."""
+    text = column_text(text)
     return text if len(text) <= limit else text[: limit - 20] + "\n... (truncated)"
+
+
+def column_text(text: str) -> str:
+    """``text`` with what no database stores written out: a NUL character as ``\\x00``
+    (PostgreSQL refuses it), a lone surrogate as ``\\udXXX`` (no UTF-8 codec writes it). An
+    error message may hold either, taken from a task's arguments."""
+    text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _plain(value: Any) -> Any:

@@ -327,7 +327,7 @@ class ReliableTask(Task[Any, Any]):
             )
         delay: float | None = None
         if countdown is not None:
-            delay = float(countdown)
+            delay = max(0.0, float(countdown))  # as Celery: a countdown in the past is now
         elif eta is not None:
             delay = max(0.0, (maybe_make_aware(eta) - timezone.now()).total_seconds())
         raise RetryRequest(delay, cause=exc)
@@ -785,6 +785,8 @@ def _failed(
         # Nothing of the record or the retry committed: failing the task for it would
         # acknowledge a message whose retry was never written.
         _soft_limit_reached(task, cause, "while its failure was recorded")
+    except Exception as unrecorded:  # noqa: BLE001 - acknowledged unrecorded, the task is lost
+        _unrecorded(task, key, attempt, cause, unrecorded)
     if decision.retry:
         log.for_task(logger, task, key).warning(
             "attempt failed (%s: %s); retry in %.1f s", type(cause).__name__, cause, decision.delay
@@ -801,6 +803,28 @@ def _failed(
             f"attempt {attempt} failed: {cause!r}", exc=cause, when=cast(Any, decision.delay)
         ) from exc
     raise cause
+
+
+def _unrecorded(
+    task: ReliableTask, key: str, attempt: int, cause: Exception, exc: Exception
+) -> NoReturn:
+    """The failure could not be recorded (a value the database refuses, retry arguments JSON
+    cannot carry): nothing of it committed. Failing the task would acknowledge a message whose
+    retry or dead task was never written, so it goes back to the queue instead; should the
+    failure persist, crash-loop counting makes it a dead task. An eager call gets the error."""
+    if cast(Any, task.request).is_eager:
+        raise exc
+    log.for_task(logger, task, key).error(
+        "attempt %d failed (%s: %s), and its failure could not be recorded (%s: %s); message "
+        "requeued",
+        attempt, type(cause).__name__, cause, type(exc).__name__, exc,
+        exc_info=exc,
+    )  # fmt: skip
+    try:
+        time.sleep(_hold_and_pause(task)[1])
+    except SoftTimeLimitExceeded:
+        _soft_limit_reached(task, exc, "while its failure was recorded")
+    raise Reject(exc, requeue=True) from exc
 
 
 def _replay_call(

@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from celery.exceptions import Reject
 from django.test import override_settings
 from django.utils import timezone
 
@@ -288,15 +289,13 @@ def test_the_retry_dead_and_requeue_signals_carry_what_they_document() -> None:
     )  # type: ignore[attr-defined]
 
 
-@pytest.mark.postgres
-def test_a_failed_attempt_whose_retry_cannot_be_written_leaves_no_record() -> None:
-    """The attempt's record and the retry's outbox row commit together, or neither does."""
-    from django.db import DatabaseError, connection
+@contextlib.contextmanager
+def outbox_refused() -> Iterator[None]:
+    """PostgreSQL refuses every outbox row while this lasts (a trigger raises)."""
+    from django.db import connection
 
     table = OutboxMessage._meta.db_table
     with connection.cursor() as cursor:
-        # The database refuses the retry's row: the attempt's record, written first in the
-        # same transaction, must roll back with it.
         cursor.execute(
             "CREATE FUNCTION rt_test_refuse() RETURNS trigger LANGUAGE plpgsql AS "
             "$$ BEGIN RAISE EXCEPTION 'outbox refused by the test'; END $$"
@@ -306,15 +305,78 @@ def test_a_failed_attempt_whose_retry_cannot_be_written_leaves_no_record() -> No
             "FOR EACH ROW EXECUTE FUNCTION rt_test_refuse()"
         )
     try:
-        with pytest.raises(DatabaseError, match="outbox refused by the test"):
-            pay.apply((61,), {"outcome": "timeout"}, task_id="pay-61", throw=True)
+        yield
     finally:
         with connection.cursor() as cursor:
             cursor.execute(f"DROP TRIGGER rt_test_refuse ON {table}")
             cursor.execute("DROP FUNCTION rt_test_refuse()")
+
+
+@pytest.mark.postgres
+def test_a_failed_attempt_whose_retry_cannot_be_written_leaves_no_record() -> None:
+    """The attempt's record and the retry's outbox row commit together, or neither does."""
+    from django.db import DatabaseError
+
+    # The database refuses the retry's row: the attempt's record, written first in the same
+    # transaction, must roll back with it. An eager call gets the error.
+    with outbox_refused(), pytest.raises(DatabaseError, match="outbox refused by the test"):
+        pay.apply((61,), {"outcome": "timeout"}, task_id="pay-61", throw=True)
     assert not TaskAttempt.objects.exists()
     assert not OutboxMessage.objects.exists()
     assert not DeadTask.objects.exists()
+
+
+@pytest.mark.postgres
+def test_a_failure_that_cannot_be_recorded_puts_the_message_back_instead_of_losing_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker that cannot write the retry (nor so the attempt) must not fail the task, which
+    Celery would acknowledge: the message goes back to the queue, and the log says why."""
+    pay.push_request(
+        id="pay-62", called_directly=False, args=(62,), kwargs={"outcome": "timeout"},
+        retries=0, hostname="test", delivery_info={"redelivered": False}, is_eager=False,
+    )  # fmt: skip
+    try:
+        with outbox_refused(), pytest.raises(Reject) as rejected:
+            pay(62, outcome="timeout")
+    finally:
+        pay.pop_request()
+    assert rejected.value.requeue
+    assert (
+        "attempt 1 failed (GatewayTimeout: gateway timed out for order 62), and its failure could "
+        "not be recorded (ProgrammingError: outbox refused by the test" in caplog.text
+    )
+    assert not TaskAttempt.objects.exists()
+    assert not OutboxMessage.objects.exists()
+    assert not DeadTask.objects.exists()
+
+
+def test_an_error_holding_a_nul_or_a_lone_surrogate_is_recorded_with_them_written_out() -> None:
+    """A task's error may quote its arguments, which may hold what no database stores (a NUL
+    character: PostgreSQL; a lone surrogate: any). The attempt and its retry, or the dead
+    task, are written all the same: the task is neither lost nor acknowledged unrecorded."""
+    outcome = pay.apply((7,), {"outcome": "odd-timeout"}, task_id="pay-odd")
+    assert outcome.state == "RETRY"
+    [attempt] = TaskAttempt.objects.all()
+    assert attempt.message == "bad record: a\\x00b \\ud800"
+    assert "GatewayTimeout: bad record: a\\x00b \\ud800" in attempt.traceback
+    assert OutboxMessage.objects.get().task_id == "pay-odd"
+    pay.apply((8,), {"outcome": "odd-declined"}, task_id="pay-odd-dead")
+    task = DeadTask.objects.get()
+    assert (task.task_id, task.reason) == ("pay-odd-dead", "give_up")
+    assert task.exc_message == "bad record: a\\x00b \\ud800"
+
+
+def test_a_negative_countdown_asks_for_the_retry_now() -> None:
+    """As with Celery, a countdown already past (a Retry-After counted from an earlier time)
+    means at once, not a ValueError that the retry policy would judge instead of the cause."""
+    before = timezone.now()
+    outcome = pay.apply((9,), {"outcome": "late-retry"}, task_id="pay-late")
+    assert outcome.state == "RETRY"
+    [attempt] = TaskAttempt.objects.all()
+    assert attempt.exc_type == "tests.testapp.tasks.GatewayTimeout"
+    [retry] = OutboxMessage.objects.all()
+    assert before <= retry.due_at <= timezone.now()
 
 
 def test_only_the_latest_attempts_are_kept() -> None:

@@ -186,6 +186,13 @@ def pay(self: ReliableTask, order_id: int, outcome: str = "ok") -> str:
     if outcome == "huge-error":
         # A give-up error whose message, and so its traceback, is beyond what a record keeps.
         raise CardDeclined("declined: " + "x" * 20_000)
+    if outcome.startswith("odd-"):
+        # An error quoting an argument that holds a NUL character and a lone surrogate.
+        error = GatewayTimeout if outcome == "odd-timeout" else CardDeclined
+        raise error("bad record: a\x00b \ud800")
+    if outcome == "late-retry":
+        # A Retry-After counted from a time already past: a negative countdown.
+        raise self.retry(exc=GatewayTimeout(f"late for order {order_id}"), countdown=-5)
     if outcome == "retry-after":
         raise Retry(delay=30, reason="the gateway said Retry-After: 30")
     if outcome == "fail-once":
