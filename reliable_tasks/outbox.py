@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 SERIALIZER = "json"
 
 #: An idempotency key chosen at requeue; it replaces the one the task computes.
+#: The largest header table a message may carry: its content header is one frame, which
+#: RabbitMQ keeps to frame_max (128 KiB by default), less room for the other properties.
+MAX_HEADER_TABLE_BYTES = 127 * 1024
+
 KEY_HEADER = "reliable_idempotency_key"
 #: When the first attempt of a run of retries started (ISO 8601), for the policy's deadline.
 FIRST_ATTEMPT_HEADER = "reliable_first_attempt"
@@ -179,8 +183,26 @@ class CapturingProducer:
             ("queue", queue),  # first: Celery routes to a queue by its name
             ("exchange", exchange),
             ("routing_key", routing_key),
+            ("task id", task_id),  # the message's correlation_id
         ):
             _refuse_long_name(name, option, value)
+        priority = properties.get("priority")
+        if priority is not None and not (
+            type(priority) is int and 0 <= priority <= 255  # an int, not a bool
+        ):
+            raise UnsupportedOption(
+                f"task {name!r} cannot be enqueued: priority={priority!r}; AMQP takes a whole "
+                "number from 0 to 255 (RabbitMQ honours up to the queue's x-max-priority). "
+                "Nothing was written to the outbox; the transaction is still usable."
+            )
+        header_table = amqp_frames.table(headers)
+        if header_table is not None and len(header_table) > MAX_HEADER_TABLE_BYTES:
+            raise PayloadTooLarge(
+                f"task {name!r} cannot be enqueued: its headers are {_human(len(header_table))} "
+                f"as AMQP writes them; a message's headers travel in one frame, which RabbitMQ "
+                f"keeps to 128 KiB (frame_max), so {_human(MAX_HEADER_TABLE_BYTES)} at most. Pass "
+                "large values as arguments. Nothing was written to the outbox."
+            )
         self.message = CapturedMessage(
             task_name=name,
             task_id=task_id,
@@ -195,7 +217,7 @@ class CapturingProducer:
             due_at=_due_at(headers.get("eta")),
             headers_json=headers_json,
             properties_json=properties_json,
-            header_table=amqp_frames.table(headers),
+            header_table=header_table,
         )
 
     def revive(self, connection: Any) -> None:

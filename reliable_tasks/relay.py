@@ -370,8 +370,13 @@ class Publisher:
     def _declare(self, queue_name: str) -> None:
         if not queue_name or queue_name in self._declared:
             return
-        queues = self.app.amqp.queues
-        queue = queues[queue_name] if queue_name in queues else Queue(queue_name)
+        try:
+            # Celery's own way to a queue that its configuration does not list: made as the
+            # app's task_create_missing_queue_type (and exchange type) say, as a worker makes it.
+            # The relay's process never saw the call that named it, so ``in`` would not do.
+            queue = self.app.amqp.queues[queue_name]
+        except KeyError:  # task_create_missing_queues is off
+            queue = Queue(queue_name)
         if not self._confirms:  # the embedded transport: no channel to lose
             queue(self.channel).declare()
         else:
@@ -415,6 +420,10 @@ class Publisher:
         self._returned.add(str(message.properties.get("correlation_id")))
 
 
+#: The longest per-message TTL RabbitMQ takes, in milliseconds.
+MAX_TTL_MS = 2**32 - 1
+
+
 def _properties(row: Row) -> dict[str, Any]:
     """AMQP properties for a row: persistent always, the TTL counted from now."""
     props = dict(row.properties)
@@ -424,7 +433,9 @@ def _properties(row: Row) -> dict[str, Any]:
     expires = row.expires
     if expires:
         left = (outbox.header_time(expires) - datetime.now(UTC)).total_seconds()
-        props["expiration"] = str(max(0, int(left * 1000)))
+        # RabbitMQ refuses a TTL above 2^32 - 1 ms (49.7 days), closing the channel; the
+        # worker still drops the message once its 'expires' header passes.
+        props["expiration"] = str(min(MAX_TTL_MS, max(0, int(left * 1000))))
     return props
 
 

@@ -259,3 +259,30 @@ def test_a_name_amqp_cannot_carry_is_refused_at_enqueue_and_the_transaction_stay
     [entry] = testing.enqueued()
     assert entry.args == ("ok",)
     assert getattr(OutboxMessage.objects.get(), option) == "é" * 127
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        # The task id travels as the message's correlation_id, an AMQP short string.
+        ({"task_id": "a" * 300}, r"its task id 'a+'... is 300 bytes in UTF-8; AMQP allows 255"),
+        ({"priority": 300}, r"priority=300; AMQP takes a whole number from 0 to 255"),
+        ({"priority": -1}, r"priority=-1; AMQP takes a whole number from 0 to 255"),
+        ({"priority": "high"}, r"priority='high'; AMQP takes a whole number from 0 to 255"),
+        # A header frame above RabbitMQ's frame_max closes the relay's connection.
+        ({"headers": {"blob": "x" * 140_000}}, r"its headers are 137 KiB as AMQP writes them"),
+    ],
+)
+def test_what_the_relay_could_never_publish_is_refused_at_enqueue(
+    options: dict[str, Any], error: str
+) -> None:
+    """Each of these, once in the outbox, would fail at every publish (or, for a task id too
+    long for its column, abort the caller's transaction on PostgreSQL): refused at the call,
+    saying why, with the transaction still usable."""
+    with transaction.atomic():
+        with pytest.raises((UnsupportedOption, PayloadTooLarge), match=error):
+            record.apply_async(("refused",), **options)
+        record.apply_async(("ok",), priority=255, task_id="b" * 255, headers={"n": "x" * 100_000})
+    [entry] = testing.enqueued()
+    assert entry.args == ("ok",)
+    assert OutboxMessage.objects.get().task_id == "b" * 255

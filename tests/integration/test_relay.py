@@ -123,6 +123,62 @@ def test_expires_becomes_the_ttl_counted_when_the_message_is_published(
         assert 280_000 <= int(message.properties["expiration"]) <= 300_000, message.headers["id"]
 
 
+def test_an_expiry_beyond_rabbitmqs_longest_ttl_publishes_with_that_ttl(
+    broker: Broker, relay: Relay
+) -> None:
+    """RabbitMQ takes a TTL of 2^32 - 1 ms (49.7 days) at most and closes the channel on a
+    longer one; the worker still drops the message once its 'expires' header passes."""
+    far = record.apply_async(("far",), expires=60 * 86400)
+    assert relay.drain() == 1
+    [message] = broker.get_all(expect=1)
+    assert message.headers["id"] == far.id
+    assert message.properties["expiration"] == str(2**32 - 1)
+    assert not OutboxMessage.objects.filter(status="pending").exists()
+
+
+def test_headers_just_within_the_enqueue_limit_fit_rabbitmqs_frame(
+    broker: Broker, relay: Relay
+) -> None:
+    """The limit at enqueue leaves room in the content header's one frame (frame_max, 128 KiB)
+    for the other properties: a message at the limit goes out."""
+    blob = "x" * (outbox.MAX_HEADER_TABLE_BYTES - 600)
+    result = record.apply_async(("big headers",), headers={"blob": blob})
+    row = OutboxMessage.objects.get()
+    assert (
+        outbox.MAX_HEADER_TABLE_BYTES - 1000
+        < len(row.header_table)
+        <= outbox.MAX_HEADER_TABLE_BYTES
+    )
+    assert relay.drain(timeout=30) == 1
+    [message] = broker.get_all(expect=1)
+    assert (message.headers["id"], message.headers["blob"]) == (result.id, blob)
+
+
+def test_a_queue_celery_makes_on_demand_is_declared_as_its_workers_declare_it(
+    broker: Broker, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queue named only in a call (not in task_queues) is made by Celery as
+    task_create_missing_queue_type says: a relay in a process of its own, which never saw the
+    call, declares it the same way, or the broker refuses the declaration of a quorum queue a
+    worker made as a classic one, and the row could never go out."""
+    name = f"{QUEUE}.on-demand"
+    queues = record.app.amqp.queues
+    monkeypatch.setattr(queues, "create_missing_queue_type", "quorum")
+    broker.channel.queue_declare(
+        name, durable=True, auto_delete=False, arguments={"x-queue-type": "quorum"}
+    )  # as a worker consuming it declared it
+    try:
+        result = record.apply_async(("on demand",), queue=name)
+        queues.pop(name)  # the relay's process knows no such queue
+        assert relay.drain(timeout=30) == 1
+        [message] = broker.get_all(name, expect=1)
+        assert message.headers["id"] == result.id
+        assert not OutboxMessage.objects.filter(status="pending").exists()
+    finally:
+        queues.pop(name, None)
+        broker.channel.queue_delete(name)
+
+
 def test_a_broker_without_confirms_gets_the_same_headers() -> None:
     """kombu's virtual transports (the demo's embedded ``filesystem://``) have no confirms:
     the relay publishes through a kombu producer, with the headers decoded from the table."""
