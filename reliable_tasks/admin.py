@@ -23,7 +23,7 @@ from django.contrib.admin import helpers
 from django.contrib.admin.models import CHANGE, LogEntry
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.contrib.admin.utils import unquote
-from django.contrib.admin.views.main import ChangeList
+from django.contrib.admin.views.main import PAGE_VAR, ChangeList
 from django.contrib.auth import get_permission_codename
 from django.core.exceptions import PermissionDenied
 from django.db import models, transaction
@@ -343,6 +343,10 @@ class DeadTaskAdmin(_MessageFields, ReadOnlyAdmin[DeadTask]):
         return bool(request.user.has_perm(f"{self.opts.app_label}.{codename}"))
 
     def _require(self, request: HttpRequest, action: str) -> None:
+        """Acting takes the action's permission and the view permission: the pages of an
+        action show dead tasks (a bulk confirmation lists some)."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied("you may not view dead tasks")
         if not self._has_perm(request, action):
             raise PermissionDenied(f"you may view dead tasks but not {action} them")
 
@@ -602,7 +606,9 @@ class DeadTaskAdmin(_MessageFields, ReadOnlyAdmin[DeadTask]):
                 request, "Choose whether to keep or renew the idempotency key.", messages.ERROR
             )
             return HttpResponseRedirect(self._change_url(obj))
-        self._requeue_one(request, obj, renew_key=form.renew_key)
+        self._requeue_one(
+            request, obj, renew_key=form.renew_key, seen=request.POST.get("seen_status")
+        )
         return HttpResponseRedirect(self._change_url(obj))
 
     def requeue_edited_view(self, request: HttpRequest, object_id: str) -> HttpResponseBase:
@@ -619,6 +625,7 @@ class DeadTaskAdmin(_MessageFields, ReadOnlyAdmin[DeadTask]):
                     renew_key=form.renew_key,
                     args=form.cleaned_data["args"],
                     kwargs=form.cleaned_data["kwargs"],
+                    seen=request.POST.get("seen_status"),
                 )
                 if requeued:
                     return HttpResponseRedirect(self._change_url(obj))
@@ -683,11 +690,25 @@ class DeadTaskAdmin(_MessageFields, ReadOnlyAdmin[DeadTask]):
         renew_key: bool,
         args: list[Any] | None = None,
         kwargs: dict[str, Any] | None = None,
+        seen: str | None = None,
     ) -> bool:
-        """Requeue through the outbox and log it; report CannotRequeue and refusals as messages."""
+        """Requeue through the outbox and log it; report CannotRequeue and refusals as messages.
+
+        ``seen``: the status the operator's page showed. Changed since (another operator
+        discarded the dead task), the requeue is refused: it was asked for what the page said.
+        """
         user = request.user.get_username()
         with transaction.atomic(using=conf.DATABASE):
             current = self._locked(obj)
+            if seen and current.status != seen and current.status != DeadStatus.REQUEUED:
+                by = f" by {current.status_changed_by}" if current.status_changed_by else ""
+                self.message_user(
+                    request,
+                    f"{current} was {current.status}{by} after your page showed it "
+                    f"{seen}; nothing was changed. Requeue it again if it should still run.",
+                    messages.WARNING,
+                )
+                return False
             if current.status == DeadStatus.REQUEUED:
                 self.message_user(
                     request,
@@ -749,6 +770,7 @@ class DeadTaskAdmin(_MessageFields, ReadOnlyAdmin[DeadTask]):
         """Every dead task the changelist shows with these filters and search, on all pages."""
         self._require(request, operation)
         changelist = self._changelist_url()
+        request.GET = self._without_page(request)
         try:
             cl: ChangeList = self.get_changelist_instance(request)
         except IncorrectLookupParameters:
@@ -761,6 +783,14 @@ class DeadTaskAdmin(_MessageFields, ReadOnlyAdmin[DeadTask]):
             query = request.GET.urlencode()
             return HttpResponseRedirect(changelist + (f"?{query}" if query else ""))
         return response
+
+    @staticmethod
+    def _without_page(request: HttpRequest) -> Any:
+        """The list's filters and search, without its page: the matching dead tasks are all of
+        its pages, and a page number that no longer exists would make the filters invalid."""
+        query = request.GET.copy()
+        query.pop(PAGE_VAR, None)
+        return query
 
     def _changelist_url(self) -> str:
         return reverse(

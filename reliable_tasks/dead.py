@@ -7,8 +7,10 @@ writes that same message to the outbox again: it is published only if the requeu
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -290,8 +292,7 @@ def _outbox_row(
         task_id = str(uuid.uuid4())
         headers["id"] = task_id
         properties["correlation_id"] = task_id
-        base_key = dead.idempotency_key or dead.task_id
-        headers[KEY_HEADER] = f"{base_key}:requeue:{task_id[:8]}"
+        headers[KEY_HEADER] = renewed_key(dead.idempotency_key or dead.task_id, task_id)
     return OutboxMessage(
         task_id=task_id,
         task_name=dead.task_name or str(headers["task"]),
@@ -305,6 +306,27 @@ def _outbox_row(
         content_type=content_type,
         content_encoding=content_encoding,
     )
+
+
+#: What a renewal appends to a key; a key renewed before keeps only its last renewal.
+_RENEWAL = re.compile(r"(?::requeue:[0-9a-f]{8})+$")
+#: The ledger's key column.
+_MAX_KEY = 255
+
+
+def renewed_key(key: str, task_id: str) -> str:
+    """``key`` renewed for a requeue as ``task_id``: ``<key>:requeue:<8 characters of the id>``.
+
+    A key renewed before drops its earlier renewal, so that keys do not grow with each one; a
+    key too long to take the suffix within the ledger's 255 characters is shortened, with a
+    digest of the whole, so that two long keys stay apart.
+    """
+    base = _RENEWAL.sub("", key)
+    suffix = f":requeue:{task_id[:8]}"
+    if len(base) + len(suffix) > _MAX_KEY:
+        digest = hashlib.sha256(base.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        base = f"{base[: _MAX_KEY - len(suffix) - len(digest) - 1]}~{digest}"
+    return base + suffix
 
 
 def _start_afresh(task_ids: list[str]) -> None:

@@ -839,3 +839,67 @@ def test_search_finds_arguments_with_characters_json_escapes(term: str) -> None:
     make_dead_task(record, "elsewhere")
     page = text(client.get(reverse(CHANGELIST), {"q": term}))
     assert set(re.findall(r"/deadtask/(\d+)/change/", page)) == {str(wanted.pk)}
+
+
+def test_acting_on_dead_tasks_takes_the_view_permission_too() -> None:
+    """The confirmation page of a bulk action lists dead tasks: a user who may requeue or
+    discard but not view them is refused, as Django refuses its own views."""
+    dead = make_dead_task(record, "unseen")
+    client = login("requeue_deadtask", "discard_deadtask")
+    for name, args in (
+        ("requeue_matching", ()),
+        ("discard_matching", ()),
+        ("requeue_edited", (dead.pk,)),
+    ):
+        assert client.get(url(name, *args)).status_code == 403, name
+    assert client.post(url("requeue", dead.pk), {"key": "keep"}).status_code == 403
+    dead.refresh_from_db()
+    assert dead.status == DeadStatus.DEAD
+    assert not OutboxMessage.objects.filter(status=OutboxStatus.PENDING).exists()
+
+
+def test_all_matching_from_a_later_page_takes_every_page_even_once_that_page_is_gone() -> None:
+    """The link carries the list's page number; the matching dead tasks are all pages', and a
+    page that no longer exists (others acted meanwhile) must not make the filters invalid."""
+    client = login(superuser=True)
+    template = make_dead_task(record, "paged")
+    DeadTask.objects.bulk_create(clones(template, 150))
+    query = "?reason__exact=exhausted&p=2"  # 100 a page: page 2 exists now
+    page = text(client.get(url("requeue_matching") + query))
+    assert "<strong>151</strong> dead tasks will be requeued through the outbox" in page
+    DeadTask.objects.exclude(pk=template.pk).delete()  # page 2 is gone
+    response = client.post(
+        url("requeue_matching") + query, {"confirm": "yes", "key": "keep", "up_to": bound_of(page)}
+    )
+    assert response.status_code == 302
+    assert response["Location"].endswith(reverse(CHANGELIST) + "?reason__exact=exhausted")
+    template.refresh_from_db()
+    assert template.status == DeadStatus.REQUEUED
+
+
+def test_a_requeue_from_a_page_that_showed_the_task_dead_is_refused_once_another_discarded_it() -> (
+    None
+):
+    """Two operators: one discards ("it will not run"), the other, on a page loaded before,
+    requeues. The requeue was asked for a dead task: it is refused and says why; from a page
+    that shows it discarded, it goes ahead."""
+    dead = make_dead_task(record, "contested")
+    bob = login(superuser=True)
+    page = text(bob.get(url("change", dead.pk)))
+    assert 'name="seen_status" value="dead"' in page
+    alice = login(superuser=True)
+    alice.post(url("discard", dead.pk))
+    response = bob.post(
+        url("requeue", dead.pk), {"key": "keep", "seen_status": "dead"}, follow=True
+    )
+    [message] = messages_of(response)
+    assert " was discarded by user-" in message
+    assert "after your page showed it dead; nothing was changed" in message
+    dead.refresh_from_db()
+    assert dead.status == DeadStatus.DISCARDED
+    assert not OutboxMessage.objects.filter(status=OutboxStatus.PENDING).exists()
+    # Seen discarded, asked again: requeued.
+    assert 'name="seen_status" value="discarded"' in text(bob.get(url("change", dead.pk)))
+    bob.post(url("requeue", dead.pk), {"key": "keep", "seen_status": "discarded"})
+    dead.refresh_from_db()
+    assert dead.status == DeadStatus.REQUEUED

@@ -218,6 +218,37 @@ def test_requeue_with_a_renewed_key_runs_under_a_new_key_and_task_id() -> None:
     ).exists()
 
 
+def test_a_renewed_key_keeps_within_the_ledgers_255_characters_however_often_it_is_renewed() -> (
+    None
+):
+    """A renewal appends ':requeue:<8 characters>' to the key: a key renewed again drops its
+    earlier renewal, and a key too long for the suffix is shortened with a digest of itself."""
+    once = dead.renewed_key("charge:42", "aaaaaaaa-1111")
+    assert once == "charge:42:requeue:aaaaaaaa"
+    assert dead.renewed_key(once, "bbbbbbbb-2222") == "charge:42:requeue:bbbbbbbb"
+    long_a, long_b = "k" * 250 + "a", "k" * 250 + "b"
+    renewed_a, renewed_b = (dead.renewed_key(k, "cccccccc-3333") for k in (long_a, long_b))
+    assert len(renewed_a) == len(renewed_b) == 255
+    assert renewed_a != renewed_b
+    assert renewed_a.endswith(":requeue:cccccccc")
+    assert dead.renewed_key(renewed_a, "dddddddd-4444") == renewed_a.replace("cccccccc", "dddddddd")
+    # Renewed for a requeue, the long key's task runs: the ledger takes the key.
+    record.delay("long")
+    row = OutboxMessage.objects.get(status="pending")
+    source = DeadTask.objects.create(
+        task_id=row.task_id, task_name=row.task_name, args=["long"], kwargs={}, idempotency_key=long_a,
+        queue=row.queue, exchange=row.exchange, routing_key=row.routing_key, headers=row.headers,
+        properties=row.properties, body=row.body, content_type=row.content_type,
+        content_encoding=row.content_encoding, reason="exhausted",
+    )  # fmt: skip
+    row.delete()
+    renewed = dead.requeue(source, renew_key=True)
+    testing.run_enqueued()
+    key = renewed.headers["reliable_idempotency_key"]
+    assert len(key) == 255
+    assert IdempotencyKey.objects.filter(key=key, state="done").exists()
+
+
 def test_discard_keeps_the_record_and_bulk_actions_take_only_dead_ones() -> None:
     first, second = _dead_pay(11), _dead_pay(12)
     dead.discard(first, user="ops")
