@@ -740,6 +740,8 @@ def _failed(
     retry_args, retry_kwargs = new_call or (args, kwargs)
     try:
         with transaction.atomic(using=conf.DATABASE):
+            _lock_task_id(str(request.id))
+            _unless_failure_recorded(task, key)
             _record_attempt(
                 task, request, key, attempt, TaskAttempt.Outcome.FAILED, cause, started_at
             )
@@ -780,11 +782,15 @@ def _failed(
                     first_failed_at=first,
                 )
     except (OperationalError, InterfaceError) as db_exc:
-        _database_down(task, db_exc)
+        # Once the database answers again, the requeue is recorded: the redelivery is not
+        # counted towards a crash loop (the failure itself is recorded when it runs again).
+        _database_down(task, db_exc, started_at=started_at, key=key)
     except SoftTimeLimitExceeded:
         # Nothing of the record or the retry committed: failing the task for it would
         # acknowledge a message whose retry was never written.
         _soft_limit_reached(task, cause, "while its failure was recorded")
+    except _CONTROL_FLOW:
+        raise  # this copy's attempt was recorded already (_unless_failure_recorded)
     except Exception as unrecorded:  # noqa: BLE001 - acknowledged unrecorded, the task is lost
         _unrecorded(task, key, attempt, cause, unrecorded)
     if decision.retry:
@@ -803,6 +809,38 @@ def _failed(
             f"attempt {attempt} failed: {cause!r}", exc=cause, when=cast(Any, decision.delay)
         ) from exc
     raise cause
+
+
+def _unless_failure_recorded(task: ReliableTask, key: str) -> None:
+    """Acknowledge this copy of the message, without running it or recording anything, if the
+    attempt it carries already failed and was recorded: its retry or its dead task was written
+    with that record, and only the acknowledgement was lost (the worker or the broker's
+    connection died right after the commit), or a relay published the message twice. Running it
+    again would write a second retry, and two chains of attempts would follow."""
+    from .models import TaskAttempt
+
+    request = task.request
+    attempt = int(request.retries or 0) + 1
+    recorded = TaskAttempt.objects.using(conf.DATABASE).filter(
+        task_id=str(request.id), number=attempt, outcome=TaskAttempt.Outcome.FAILED
+    )
+    if recorded.exists():
+        log.for_task(logger, task, key).info(
+            "attempt %d already failed and was recorded, its retry or dead task written; this "
+            "copy of the message is acknowledged without running",
+            attempt,
+        )
+        raise Ignore(f"attempt {attempt} already failed and was recorded")
+
+
+def _lock_task_id(task_id: str) -> None:
+    """Two copies of one message failing at once record one failure: on PostgreSQL, the
+    second waits here for the first's transaction, then finds its record. (On SQLite, the
+    embedded default, two copies failing in the same instant may still both write.)"""
+    connection = connections[conf.DATABASE]
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [task_id])
 
 
 def _unrecorded(
@@ -878,6 +916,7 @@ def _crash_loop(
         # Dead already: another copy of the message (a relay that died before marking its
         # row published it twice) or a delivery whose acknowledgement died with its worker.
         return True
+    _unless_failure_recorded(task, key)
     Outcome = TaskAttempt.Outcome
     attempts = TaskAttempt.objects.using(conf.DATABASE)
     if interrupted is None:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
+from celery.exceptions import Retry as CeleryRetry
 from django.test import override_settings
 from django.utils import timezone
 
@@ -22,11 +23,13 @@ from tests.testapp.models import Effect
 from tests.testapp.tasks import (
     GatewayTimeout,
     autoretrying,
+    calls_out_then_fails,
     celery_style_retry,
     charge,
     declines_through_autoretry,
     leased_retry_with_other_args,
     pay,
+    puts_itself_back,
     record,
     retries_with_other_args,
     returns_a_set,
@@ -549,16 +552,64 @@ def test_follow_ups_that_cannot_be_sent_keep_the_attempt_failed_and_the_callback
 
 
 def redeliver(task_id: str) -> None:
-    """Run ``write_then_fail`` as a worker would run a message RabbitMQ delivered again."""
-    write_then_fail.push_request(
+    """Run ``puts_itself_back`` as a worker would run a message RabbitMQ delivered again: each
+    delivery ends without an outcome, as one whose worker died does."""
+    puts_itself_back.push_request(
         id=task_id, called_directly=False, args=(task_id,), kwargs={}, retries=0,
         hostname="test", delivery_info={"redelivered": True},
     )  # fmt: skip
     try:
-        with contextlib.suppress(Exception):  # the retry or the dead task Celery is told of
-            write_then_fail(task_id)
+        with contextlib.suppress(Reject, Ignore):  # back to the queue, or dead
+            puts_itself_back(task_id)
     finally:
-        write_then_fail.pop_request()
+        puts_itself_back.pop_request()
+
+
+def runs(task_id: str, signals: Path) -> int:
+    """How often ``puts_itself_back`` ran for ``task_id``."""
+    ran = signals / f"ran-{task_id}"
+    return len(ran.read_text().splitlines()) if ran.exists() else 0
+
+
+def deliver(task: Any, task_id: str, *, redelivered: bool) -> None:
+    """Run ``task`` (one argument: the task id) as a worker runs a message it was delivered."""
+    task.push_request(
+        id=task_id, called_directly=False, args=(task_id,), kwargs={}, retries=0,
+        hostname="test", delivery_info={"redelivered": redelivered}, is_eager=False,
+    )  # fmt: skip
+    try:
+        task(task_id)
+    finally:
+        task.pop_request()
+
+
+def test_a_redelivered_attempt_whose_failure_was_recorded_is_acknowledged_without_running(
+    tmp_path: Path,
+) -> None:
+    """The worker died (or its connection) after the failure's record and retry committed, so
+    the message comes back: the attempt is over, its retry written. It is not run again (here a
+    call to another system in lease mode) and no second retry is written, which would start a
+    second chain of attempts."""
+    with pytest.raises(CeleryRetry):
+        deliver(calls_out_then_fails, "co-1", redelivered=False)
+    with pytest.raises(Ignore, match="attempt 1 already failed and was recorded"):
+        deliver(calls_out_then_fails, "co-1", redelivered=True)
+    assert (tmp_path / "called-co-1").read_text() == "call\n"
+    assert list(TaskAttempt.objects.values_list("number", "outcome")) == [(1, "failed")]
+    assert OutboxMessage.objects.get().headers["retries"] == 1
+
+
+def test_a_second_copy_of_an_attempt_that_failed_writes_no_second_retry() -> None:
+    """A relay killed before marking its row publishes it twice, both copies first deliveries:
+    the second runs (its writes roll back with its failure, atomic mode), finds the attempt's
+    failure recorded, and is acknowledged with nothing more written."""
+    with pytest.raises(CeleryRetry):
+        deliver(write_then_fail, "copy-1", redelivered=False)
+    with pytest.raises(Ignore, match="attempt 1 already failed and was recorded"):
+        deliver(write_then_fail, "copy-1", redelivered=False)
+    assert list(TaskAttempt.objects.values_list("number", "outcome")) == [(1, "failed")]
+    assert OutboxMessage.objects.count() == 1
+    assert not Effect.objects.exists()
 
 
 @override_settings(RELIABLE_TASKS_MAX_DELIVERIES=1)
@@ -566,7 +617,7 @@ def test_redeliveries_count_towards_a_crash_loop_with_a_mark_at_once_without_one
     """A redelivery whose earlier delivery left its started mark counts against the limit; one
     without a mark (the cache is never the truth) against three times the limit."""
     # A worker that died running it left its mark: the first redelivery reaches the limit.
-    ledger.done_cache.start(write_then_fail.name, "marked", ledger.CacheWrites(task_id="marked"))
+    ledger.done_cache.start(puts_itself_back.name, "marked", ledger.CacheWrites(task_id="marked"))
     redeliver("marked")
     assert DeadTask.objects.get(task_id="marked").reason == "crash_loop"
     # No mark: recorded each time, dead on the third.
@@ -579,24 +630,26 @@ def test_redeliveries_count_towards_a_crash_loop_with_a_mark_at_once_without_one
 
 
 @override_settings(RELIABLE_TASKS_MAX_DELIVERIES=1)
-def test_a_task_dead_for_a_crash_loop_is_not_made_dead_again_by_another_copy() -> None:
+def test_a_task_dead_for_a_crash_loop_is_not_made_dead_again_by_another_copy(
+    tmp_path: Path,
+) -> None:
     """Two copies of one message (a relay that died before marking its row published it
     twice), or a delivery whose acknowledgement died with its worker: one dead task."""
-    ledger.done_cache.start(write_then_fail.name, "twice", ledger.CacheWrites(task_id="twice"))
+    ledger.done_cache.start(puts_itself_back.name, "twice", ledger.CacheWrites(task_id="twice"))
     redeliver("twice")
     assert DeadTask.objects.filter(task_id="twice").count() == 1
-    ledger.done_cache.start(write_then_fail.name, "twice", ledger.CacheWrites(task_id="twice"))
+    ledger.done_cache.start(puts_itself_back.name, "twice", ledger.CacheWrites(task_id="twice"))
     attempts = TaskAttempt.objects.filter(task_id="twice").count()
     redeliver("twice")  # the other copy, after another crash
     assert DeadTask.objects.filter(task_id="twice").count() == 1
     assert TaskAttempt.objects.filter(task_id="twice").count() == attempts  # nor counted
-    assert not Effect.objects.filter(key="twice").exists()  # nor run
+    assert runs("twice", tmp_path) == 0  # nor run
 
 
 def test_a_crash_is_counted_once_and_a_later_redelivery_without_a_new_crash_is_unmarked() -> None:
     """The mark a dead execution left goes once it was counted: it cannot make every later
     redelivery of the task id look like another crash."""
-    ledger.done_cache.start(write_then_fail.name, "once", ledger.CacheWrites(task_id="once"))
+    ledger.done_cache.start(puts_itself_back.name, "once", ledger.CacheWrites(task_id="once"))
     redeliver("once")  # the execution that died is counted
     redeliver("once")  # stranded in a prefetch, say: no execution died since
     outcomes = TaskAttempt.objects.filter(task_id="once").values_list("outcome", flat=True)
@@ -608,7 +661,7 @@ def test_a_crash_is_counted_once_and_a_later_redelivery_without_a_new_crash_is_u
 def record_requeue(task_id: str) -> None:
     """What a delivery leaves that put its message back because a ledger statement failed."""
     TaskAttempt.objects.create(
-        task_id=task_id, task_name=write_then_fail.name, number=1,
+        task_id=task_id, task_name=puts_itself_back.name, number=1,
         outcome=TaskAttempt.Outcome.REQUEUED, message="canceling statement due to lock timeout",
     )  # fmt: skip
 
@@ -632,7 +685,7 @@ def test_each_recorded_requeue_pays_for_one_unmarked_redelivery() -> None:
 
     record_requeue("then-died")
     ledger.done_cache.start(
-        write_then_fail.name, "then-died", ledger.CacheWrites(task_id="then-died")
+        puts_itself_back.name, "then-died", ledger.CacheWrites(task_id="then-died")
     )
     redeliver("then-died")
     assert crash_outcomes("then-died") == ["lost"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import shared_task
+from celery.exceptions import Reject
 from django.db import IntegrityError, transaction
 from django.dispatch import receiver
 
@@ -132,6 +133,23 @@ def _seen_deferral(sender: Any, task: Any, key: str, delay: float, **kwargs: Any
 def write_then_fail(key: str) -> None:
     Effect.objects.create(key=key)
     raise ValueError(f"{key} failed after its write")
+
+
+@reliable_task
+def puts_itself_back(key: str) -> None:
+    """Ends each delivery with no outcome recorded, as a worker killed mid-task does: a line in
+    a file per run, then the message goes back to the queue."""
+    with (SIGNAL_DIR / f"ran-{key}").open("a") as runs:
+        runs.write("run\n")
+    raise Reject(f"{key}: back to the queue", requeue=True)
+
+
+@reliable_task(atomic=False)
+def calls_out_then_fails(key: str) -> None:
+    """Lease mode: calls another system (a line in a file per call), then fails, for a retry."""
+    with (SIGNAL_DIR / f"called-{key}").open("a") as calls:
+        calls.write("call\n")
+    raise GatewayTimeout(f"{key}: the other system timed out")
 
 
 @reliable_task
