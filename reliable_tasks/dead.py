@@ -35,6 +35,7 @@ from .outbox import (
     PREVIOUS_DELAY_HEADER,
     SERIALIZER,
     CapturedMessage,
+    column_text,
     header_time,
     without_nul,
 )
@@ -494,16 +495,6 @@ def truncate(text: str, limit: int) -> str:
     """``text`` as every database's text column takes it, cut to ``limit`` characters."""
     text = column_text(text)
     return text if len(text) <= limit else text[: limit - 20] + "\n... (truncated)"
-
-
-def column_text(text: str) -> str:
-    """``text`` with what no database stores written out: a NUL character as ``\\x00``
-    (PostgreSQL refuses it), a lone surrogate as ``\\udXXX`` (no UTF-8 codec writes it). An
-    error message may hold either, taken from a task's arguments."""
-    text = text.replace("\x00", "\\x00")
-    if not text.isascii():
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
 
 
 def _plain(value: Any) -> Any:

@@ -155,9 +155,10 @@ class CapturingProducer:
         task_id = str(headers.get("id") or properties.get("correlation_id"))
         content_type, content_encoding, data = _encode_body(name, body)
         for display in ("argsrepr", "kwargsrepr"):
-            # Only for people to read; PostgreSQL's jsonb cannot hold a NUL character.
+            # Only for people to read; PostgreSQL's jsonb cannot hold a NUL character, and no
+            # database a lone surrogate, which the arguments themselves may carry as escapes.
             if isinstance(headers.get(display), str):
-                headers[display] = without_nul(headers[display])
+                headers[display] = column_text(headers[display])
         headers_json = _encode_mapping(name, "headers", headers)
         # JSON writes a NUL character as \u0000; only then is the slower exact search needed.
         if NUL_ESCAPE in headers_json and holds_nul(headers):
@@ -188,7 +189,7 @@ class CapturingProducer:
             _refuse_long_name(name, option, value)
         priority = properties.get("priority")
         if priority is not None and not (
-            type(priority) is int and 0 <= priority <= 255  # an int, not a bool
+            isinstance(priority, int) and not isinstance(priority, bool) and 0 <= priority <= 255
         ):
             raise UnsupportedOption(
                 f"task {name!r} cannot be enqueued: priority={priority!r}; AMQP takes a whole "
@@ -503,6 +504,15 @@ def holds_nul(value: Any) -> bool:
     return False
 
 
+def column_text(text: str) -> str:
+    """``text`` with what no database stores written out: a NUL character as ``\\x00``
+    (PostgreSQL refuses it), a lone surrogate as ``\\udXXX`` (no UTF-8 codec writes it)."""
+    text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def without_nul(value: Any) -> Any:
     """A copy for display with NUL characters written out as ``\\x00`` (jsonb refuses them)."""
     if isinstance(value, str):
@@ -629,11 +639,17 @@ def _not_serializable(task_name: str, value: Any, what: str = "") -> PayloadNotS
             "and JSON holds none (the database refuses NaN and Infinity). Pass a finite number, "
             "or None. Nothing was written to the outbox; the transaction is still usable."
         )
+    # Arguments travel as kombu's JSON, which writes these types too; headers as plain JSON.
+    kinds = (
+        "str, int, float, bool, None, list or dict values (write a time as an ISO 8601 string)"
+        if what
+        else "str, int, float, bool, None, list, dict, datetime, date, time, UUID or Decimal "
+        "values (for a model instance, its primary key)"
+    )
     return PayloadNotSerializable(
         f"task {task_name!r} cannot be enqueued: {path} = {shown} (type {type(bad).__name__}) "
-        "cannot be encoded as JSON. Pass str, int, float, bool, None, list, dict, datetime, date, time, "
-        "UUID or Decimal values (for a model instance, its primary key). Nothing was written to "
-        "the outbox; the transaction is still usable."
+        f"cannot be encoded as JSON. Pass {kinds}. Nothing was written to the outbox; the "
+        "transaction is still usable."
     )
 
 

@@ -207,10 +207,11 @@ class Publisher:
             return self._publish_unconfirmed(rows)
         outcome = self._outcome = BatchOutcome()
         self._returned = set()
-        # Exchanges and queues first: each check is a round trip to the broker, which must not
-        # wait behind the corked socket below.
-        missing = self._missing_exchanges({row.exchange for row in rows})
+        # Queues and exchanges first: each is a round trip to the broker, which must not wait
+        # behind the corked socket below. Queues before exchanges: declaring a queue declares
+        # its exchange too, which a fresh broker may not have yet.
         undeclared = self._declare_queues({row.queue for row in rows})
+        missing = self._missing_exchanges({row.exchange for row in rows})
         writer = amqp_frames.PublishWriter(self.connection.connection, self.channel.channel_id)
         with self._corked():
             for row in rows:

@@ -820,10 +820,21 @@ def _unless_failure_recorded(task: ReliableTask, key: str) -> None:
     from .models import TaskAttempt
 
     request = task.request
+    enqueued = _header(request, ENQUEUED_AT_HEADER)
+    if request.is_eager or not enqueued:
+        return  # no message to have come twice; or not one the outbox wrote
     attempt = int(request.retries or 0) + 1
     recorded = TaskAttempt.objects.using(conf.DATABASE).filter(
-        task_id=str(request.id), number=attempt, outcome=TaskAttempt.Outcome.FAILED
-    )
+        task_id=str(request.id), task_name=task.name, idempotency_key=key, number=attempt,
+        outcome=TaskAttempt.Outcome.FAILED,
+    )  # fmt: skip
+    try:
+        # Failed after this message was enqueued: a failure of this message, not of an earlier
+        # one under the same task id (a call that reused it, a requeued dead task, a task's
+        # replacement, which Celery gives the replaced task's id).
+        recorded = recorded.filter(ended_at__gte=datetime.fromisoformat(enqueued))
+    except (TypeError, ValueError):
+        return  # a header that is not a time: nothing to tell the copies apart by
     if recorded.exists():
         log.for_task(logger, task, key).info(
             "attempt %d already failed and was recorded, its retry or dead task written; this "
@@ -835,8 +846,10 @@ def _unless_failure_recorded(task: ReliableTask, key: str) -> None:
 
 def _lock_task_id(task_id: str) -> None:
     """Two copies of one message failing at once record one failure: on PostgreSQL, the
-    second waits here for the first's transaction, then finds its record. (On SQLite, the
-    embedded default, two copies failing in the same instant may still both write.)"""
+    second waits here for the first's transaction, then finds its record. (Under READ
+    COMMITTED, PostgreSQL's default: a stricter isolation level takes the transaction's
+    snapshot before the wait. On SQLite, the embedded default, two copies failing in the same
+    instant may still both write.)"""
     connection = connections[conf.DATABASE]
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import enum
 import uuid
 from typing import Any
 
@@ -286,3 +287,33 @@ def test_what_the_relay_could_never_publish_is_refused_at_enqueue(
     [entry] = testing.enqueued()
     assert entry.args == ("ok",)
     assert OutboxMessage.objects.get().task_id == "b" * 255
+
+
+def test_an_argument_with_a_lone_surrogate_is_enqueued_and_shown_written_out() -> None:
+    """The body carries it as a JSON escape, which text stores; only the arguments' display
+    (argsrepr), a header, would hold it raw, which no database takes: it is written out."""
+    record.delay("bad \ud800 text")
+    [entry] = testing.enqueued()
+    assert entry.args == ("bad \ud800 text",)
+    assert OutboxMessage.objects.get().headers["argsrepr"] == "('bad \\ud800 text',)"
+
+
+def test_a_header_json_cannot_carry_names_what_headers_take() -> None:
+    """Headers are plain JSON, not kombu's: a datetime, which arguments may be, is not."""
+    with pytest.raises(PayloadNotSerializable) as refused:
+        record.apply_async(("h",), headers={"when": dt.datetime(2026, 1, 1, tzinfo=dt.UTC)})
+    message = str(refused.value)
+    assert "headers['when'] = datetime.datetime(2026, 1, 1" in message
+    assert (
+        "Pass str, int, float, bool, None, list or dict values (write a time as an ISO" in message
+    )
+
+
+def test_a_priority_from_an_int_enum_is_taken() -> None:
+    """An IntEnum member is a whole number: as JSON and in AMQP's octet it is its value."""
+
+    class Level(enum.IntEnum):
+        HIGH = 9
+
+    record.apply_async(("prioritised",), priority=Level.HIGH)
+    assert OutboxMessage.objects.get().properties["priority"] == 9

@@ -484,3 +484,29 @@ def test_a_queue_deleted_while_the_relay_runs_is_declared_again_after_a_return(
     assert relay.run_once() == 1
     [message] = broker.get_all(expect=1)
     assert json.loads(message.body)[0] == ["after the deletion"]
+
+
+def test_an_exchange_that_only_its_queues_declaration_makes_is_not_taken_for_missing(
+    broker: Broker, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a broker that has never seen it, a queue on a topic exchange of its own: the relay
+    declares the queue (and so its exchange) before it checks the batch's exchanges, and the
+    row goes out with its first batch instead of being set aside as refused."""
+    from kombu import Exchange, Queue
+
+    name = f"{QUEUE}.fresh"
+    exchange = Exchange(f"{name}.topic", "topic", durable=True)
+    queues = record.app.amqp.queues
+    queues.add(Queue(name, exchange, routing_key="fresh.#"))
+    try:
+        result = record.apply_async(("fresh",), queue=name)
+        row = OutboxMessage.objects.get()
+        assert (row.exchange, row.queue) == (exchange.name, name)
+        assert relay.drain(timeout=30) == 1
+        [message] = broker.get_all(name, expect=1)
+        assert message.headers["id"] == result.id
+        assert not OutboxMessage.objects.filter(status="pending").exists()
+    finally:
+        queues.pop(name, None)
+        broker.channel.queue_delete(name)
+        broker.channel.exchange_delete(exchange.name)

@@ -571,11 +571,13 @@ def runs(task_id: str, signals: Path) -> int:
     return len(ran.read_text().splitlines()) if ran.exists() else 0
 
 
-def deliver(task: Any, task_id: str, *, redelivered: bool) -> None:
-    """Run ``task`` (one argument: the task id) as a worker runs a message it was delivered."""
+def deliver(task: Any, task_id: str, *, redelivered: bool, enqueued_at: dt.datetime) -> None:
+    """Run ``task`` (one argument: the task id) as a worker runs a message it was delivered,
+    one the outbox wrote at ``enqueued_at``."""
     task.push_request(
         id=task_id, called_directly=False, args=(task_id,), kwargs={}, retries=0,
         hostname="test", delivery_info={"redelivered": redelivered}, is_eager=False,
+        reliable_enqueued_at=enqueued_at.isoformat(),
     )  # fmt: skip
     try:
         task(task_id)
@@ -590,23 +592,30 @@ def test_a_redelivered_attempt_whose_failure_was_recorded_is_acknowledged_withou
     the message comes back: the attempt is over, its retry written. It is not run again (here a
     call to another system in lease mode) and no second retry is written, which would start a
     second chain of attempts."""
+    enqueued = timezone.now()
     with pytest.raises(CeleryRetry):
-        deliver(calls_out_then_fails, "co-1", redelivered=False)
+        deliver(calls_out_then_fails, "co-1", redelivered=False, enqueued_at=enqueued)
     with pytest.raises(Ignore, match="attempt 1 already failed and was recorded"):
-        deliver(calls_out_then_fails, "co-1", redelivered=True)
+        deliver(calls_out_then_fails, "co-1", redelivered=True, enqueued_at=enqueued)
     assert (tmp_path / "called-co-1").read_text() == "call\n"
     assert list(TaskAttempt.objects.values_list("number", "outcome")) == [(1, "failed")]
     assert OutboxMessage.objects.get().headers["retries"] == 1
+    # A message enqueued after that failure under the same task id (a call that reused it, a
+    # task's replacement, which takes the replaced task's id) is another message: it runs.
+    with pytest.raises(CeleryRetry):
+        deliver(calls_out_then_fails, "co-1", redelivered=True, enqueued_at=timezone.now())
+    assert (tmp_path / "called-co-1").read_text() == "call\ncall\n"
 
 
 def test_a_second_copy_of_an_attempt_that_failed_writes_no_second_retry() -> None:
     """A relay killed before marking its row publishes it twice, both copies first deliveries:
     the second runs (its writes roll back with its failure, atomic mode), finds the attempt's
     failure recorded, and is acknowledged with nothing more written."""
+    enqueued = timezone.now()
     with pytest.raises(CeleryRetry):
-        deliver(write_then_fail, "copy-1", redelivered=False)
+        deliver(write_then_fail, "copy-1", redelivered=False, enqueued_at=enqueued)
     with pytest.raises(Ignore, match="attempt 1 already failed and was recorded"):
-        deliver(write_then_fail, "copy-1", redelivered=False)
+        deliver(write_then_fail, "copy-1", redelivered=False, enqueued_at=enqueued)
     assert list(TaskAttempt.objects.values_list("number", "outcome")) == [(1, "failed")]
     assert OutboxMessage.objects.count() == 1
     assert not Effect.objects.exists()
