@@ -842,7 +842,9 @@ _START_SHA = hashlib.sha1(_START_SCRIPT.encode(), usedforsecurity=False).hexdige
 
 
 def _done_value(value: Any) -> tuple[str, Any] | None:
-    if value is None:
+    """A done key's cached value, or None (a miss: the database answers) for one that is not
+    the pair this version writes (an older format, another writer's)."""
+    if not isinstance(value, list | tuple) or len(value) != 2:
         return None
     stored_fingerprint, stored = value
     return stored_fingerprint, stored

@@ -54,6 +54,13 @@ logger = logging.getLogger("reliable_tasks.task")
 # Celery's own control flow passes through untouched: deferral, requeue, retry.
 _CONTROL_FLOW = (Ignore, Reject, CeleryRetry)
 
+try:
+    from psycopg.pq import TransactionStatus
+
+    _IN_ERROR: Any = TransactionStatus.INERROR
+except ImportError:  # no psycopg 3: no PostgreSQL connection to ask
+    _IN_ERROR = object()
+
 # The ledger is imported inside the functions that run tasks: it imports the models, and this
 # module is imported by the package itself, before Django's app registry is ready.
 
@@ -107,6 +114,8 @@ class ReliableTask(Task[Any, Any]):
     #: ``*args`` or ``**kwargs``: a call with one positional argument for each binds to them as
     #: they come. None otherwise.
     _positional_names: tuple[str, ...] | None = None
+    #: The defaults the fingerprint fills in (``_fingerprinted_defaults``), once computed.
+    _defaults: list[tuple[str, Any]] | None = None
     #: The last plain call's message, to build the next one's from (``outbox.Template``).
     _template: outbox.Template | None = None
 
@@ -295,8 +304,33 @@ class ReliableTask(Task[Any, Any]):
             bound = self._signature.bind(*(args or ()), **(kwargs or {}))
         except TypeError:
             return ledger.fingerprint(args, kwargs)  # the call will fail on its own
-        bound.apply_defaults()
-        return ledger.fingerprint((), dict(bound.arguments))
+        arguments = dict(bound.arguments)
+        for name, default in self._fingerprinted_defaults():
+            arguments.setdefault(name, default)
+        return ledger.fingerprint((), arguments)
+
+    def _fingerprinted_defaults(self) -> list[tuple[str, Any]]:
+        """What ``BoundArguments.apply_defaults()`` fills in, less the defaults that JSON cannot
+        carry (a sentinel ``object()``, a set): no message carries those, so every call that
+        leaves them out is the same call, and the digest leaves them out too."""
+        if self._defaults is None:
+            from kombu.utils import json as kombu_json
+
+            assert self._signature is not None
+            defaults: list[tuple[str, Any]] = []
+            for parameter in self._signature.parameters.values():
+                if parameter.kind is parameter.VAR_POSITIONAL:
+                    defaults.append((parameter.name, ()))
+                elif parameter.kind is parameter.VAR_KEYWORD:
+                    defaults.append((parameter.name, {}))
+                elif parameter.default is not parameter.empty:
+                    try:
+                        kombu_json.dumps(parameter.default)
+                    except (TypeError, ValueError):
+                        continue
+                    defaults.append((parameter.name, parameter.default))
+            self._defaults = defaults
+        return self._defaults
 
     def retry(
         self,
@@ -1070,11 +1104,14 @@ def _run_atomic(
     except Ignore as signal:
         result, ended = None, _Ended(signal)
     request.reliable_in_body = False
-    if connections[conf.DATABASE].needs_rollback:
+    if connections[conf.DATABASE].needs_rollback or _transaction_aborted():
         # The body caught a database error inside the task's transaction (say an
         # IntegrityError around a create, as one may in autocommit): Django would roll the
         # transaction back as the block ends, the task's writes and its key with it, and the
-        # task would count as a success. It fails instead, for the retry policy.
+        # task would count as a success. It fails instead, for the retry policy. Django marks
+        # only its own writes' errors; PostgreSQL aborts the transaction on any (a read's
+        # lock or statement timeout, a raw cursor's), and then answers its COMMIT with a
+        # rollback that psycopg reports as no error.
         raise TransactionManagementError(
             f"task {task.name!r} caught a database error inside its transaction (atomic mode), "
             "which undoes every write of the task. Let the error propagate, or put the "
@@ -1095,6 +1132,14 @@ def _run_atomic(
         return ended  # replaced or ignored: its own follow-ups are not this task's to send
     _send_follow_ups(task, request, result)
     return result
+
+
+def _transaction_aborted() -> bool:
+    """Has PostgreSQL aborted the transaction in hand (an error the body caught)? Asked of the
+    driver's connection state, with no round trip."""
+    raw = getattr(connections[conf.DATABASE], "connection", None)
+    info = getattr(raw, "info", None)  # psycopg 3's ConnectionInfo
+    return info is not None and info.transaction_status == _IN_ERROR
 
 
 class _Ended:
@@ -1145,8 +1190,12 @@ def _run_leased(
     if completed:
         ledger.done_cache.remember(writes, task.name, claim.key, fingerprint, stored)
     else:
+        # The execution that took the key over sends them when it completes; left on the
+        # request, Celery's tracer would send them too.
+        request.callbacks = request.chain = None
         log.for_task(logger, task, claim.key).warning(
-            "finished after losing the key to another execution; its result is not recorded"
+            "finished after losing the key to another execution; its result is not recorded "
+            "and its follow-ups are not sent"
         )
     return result
 

@@ -24,16 +24,19 @@ from tests.testapp.tasks import (
     GatewayTimeout,
     autoretrying,
     calls_out_then_fails,
+    catches_a_failed_read,
     celery_style_retry,
     charge,
     declines_through_autoretry,
     leased_retry_with_other_args,
+    loses_its_lease,
     pay,
     puts_itself_back,
     record,
     retries_with_other_args,
     returns_a_set,
     slow_query,
+    with_a_sentinel_default,
     with_deadline,
     write_then_fail,
 )
@@ -834,3 +837,46 @@ def test_a_capture_after_the_database_dropped_a_persistent_connection_connects_a
         assert worker._keep(message, "unregistered", "no such task")
     message.ack()
     assert DeadTask.objects.filter(task_id="after").exists()
+
+
+@pytest.mark.postgres  # SQLite does not abort a transaction on an error
+def test_a_body_that_catches_a_failed_query_fails_instead_of_committing_nothing() -> None:
+    """PostgreSQL aborted the transaction: its COMMIT would roll everything back, the key's
+    "done" too, and psycopg reports no error, so the task would count as a success (and the
+    cache remember it done) with none of its writes. It fails instead, for the retry policy."""
+    outcome = catches_a_failed_read.apply(("aborted",), task_id="aborted-1")
+    assert outcome.state == "RETRY"
+    [attempt] = TaskAttempt.objects.all()
+    assert attempt.exc_type == "django.db.transaction.TransactionManagementError"
+    assert not Effect.objects.exists()
+    assert not IdempotencyKey.objects.filter(key="aborted-1").exists()
+    assert (
+        ledger.done_cache.start(
+            catches_a_failed_read.name, "aborted-1", ledger.CacheWrites(task_id="probe")
+        )[0]
+        is None
+    )  # not remembered as done
+
+
+def test_an_execution_that_lost_its_lease_sends_no_follow_ups() -> None:
+    """The execution that took the key over sends the callbacks and the chain's next step when
+    it completes; the one that lost it must not send them too."""
+    outcome = loses_its_lease.apply(("lost",), link=record.s(), task_id="lost-1")
+    assert outcome.state == "SUCCESS"
+    assert Effect.objects.filter(key="lost").count() == 1
+    assert not OutboxMessage.objects.filter(task_name=record.name).exists()
+    # Kept, it sends them: the same call without the takeover.
+    record.apply_async(("control",), link=record.s())
+    testing.run_enqueued()
+    assert Effect.objects.filter(key="control").count() == 2  # the task's, its callback's
+
+
+def test_a_default_json_cannot_carry_leaves_the_fingerprint_alike_for_every_call() -> None:
+    """A sentinel default made every execution fail as its fingerprint was computed; calls
+    that leave it out are the same call, and a duplicate gets the stored result."""
+    with_a_sentinel_default.delay("s1")
+    with_a_sentinel_default.delay("s1")
+    testing.run_enqueued()
+    [effect] = Effect.objects.filter(key="s1")
+    assert effect.payload == {"marker_given": False}
+    assert not DeadTask.objects.exists()

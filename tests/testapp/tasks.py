@@ -412,3 +412,40 @@ def dies_after_its_commit(self: ReliableTask, key: str) -> str:
     if not (self.request.delivery_info or {}).get("redelivered"):
         transaction.on_commit(lambda: os.kill(os.getpid(), signal.SIGKILL))
     return key
+
+
+@reliable_task
+def catches_a_failed_read(key: str) -> None:
+    """Writes, then catches the error of a raw query (not one of Django's writes, which Django
+    would mark for rollback): PostgreSQL has aborted the transaction all the same."""
+    from django.db import DatabaseError, connection
+
+    Effect.objects.create(key=key)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1 / 0")
+    except DatabaseError:
+        pass
+
+
+@reliable_task(bind=True, atomic=False)
+def loses_its_lease(self: ReliableTask, key: str) -> str:
+    """Lease mode: another execution takes the key over while this one works (as once its lease
+    expired), so its completion finds the key no longer its own."""
+    from reliable_tasks.models import IdempotencyKey
+
+    IdempotencyKey.objects.filter(task_name=self.name, key=self.idempotency_key).update(
+        token="taken-over"
+    )
+    Effect.objects.create(key=key)
+    return key
+
+
+_UNSET = object()
+
+
+@reliable_task(idempotency_key=lambda key, marker=_UNSET: f"sentinel:{key}")
+def with_a_sentinel_default(key: str, marker: object = _UNSET) -> str:
+    """A default no message can carry (a sentinel object): calls that leave it out are alike."""
+    Effect.objects.create(key=key, payload={"marker_given": marker is not _UNSET})
+    return key
