@@ -70,7 +70,7 @@ def move_dead_letters(connection: Connection, queue: str, *, limit: int | None =
     Each message is acknowledged only after its dead task committed.
     """
     from . import dead
-    from .models import DeadReason
+    from .models import DeadReason, DeadStatus, DeadTask
 
     _, dead_queue = quorum_queue(queue)
     channel: Any = connection.channel()
@@ -82,6 +82,17 @@ def move_dead_letters(connection: Connection, queue: str, *, limit: int | None =
             if message is None:
                 break
             headers = dict(message.properties.get("application_headers") or {})
+            task_id = headers.get("id")
+            if (
+                _reason(headers) == "rejected"
+                and isinstance(task_id, str)
+                and DeadTask.objects.filter(task_id=task_id, status=DeadStatus.DEAD).exists()
+            ):
+                # A worker stored it as a dead task (an unknown task, a message it cannot
+                # read), then rejected it, and the queue dead-lettered it: kept already.
+                channel.basic_ack(message.delivery_tag)
+                moved += 1
+                continue
             dead.capture_raw(
                 dead.RawMessage(
                     headers=headers,
@@ -113,12 +124,27 @@ def follow_dead_letters(connection: Connection, queue: str, *, interval: float =
         time.sleep(interval)
 
 
+#: What RabbitMQ's x-death reasons mean.
+_REASONS = {
+    "delivery_limit": "it was delivered more often than the quorum queue's delivery limit",
+    "rejected": "a consumer rejected it without requeueing it",
+    "expired": "its time to live passed",
+    "maxlen": "the queue was over its length limit",
+}
+
+
+def _reason(headers: dict[str, Any]) -> str | None:
+    deaths = headers.get("x-death") or []
+    return str(deaths[0].get("reason")) if deaths and isinstance(deaths[0], dict) else None
+
+
 def _why(headers: dict[str, Any]) -> str:
     deaths = headers.get("x-death") or []
-    if deaths:
+    if deaths and isinstance(deaths[0], dict):
         first = deaths[0]
+        reason = str(first.get("reason"))
         return (
-            f"RabbitMQ dead-lettered it from queue {first.get('queue')!r}: {first.get('reason')} "
-            f"(count {first.get('count')}); a quorum queue does that past its delivery limit"
+            f"RabbitMQ dead-lettered it from queue {first.get('queue')!r}: {reason} "
+            f"(count {first.get('count')}): {_REASONS.get(reason, 'see RabbitMQ: dead lettering')}"
         )
     return "RabbitMQ dead-lettered it"

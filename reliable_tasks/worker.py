@@ -158,6 +158,30 @@ class DeadLetterStep(bootsteps.StartStopStep):
         c.on_invalid_task = on_invalid_task
         c.on_decode_error = on_decode_error
 
+        # Celery's task handler sends only some malformed messages to the handlers above: a
+        # body that is JSON but no task message (null, an object, a list of two), a task header
+        # that is a list, raise out of it, and the consumer stops the worker ("Unrecoverable
+        # error") with the message unacknowledged, for the next worker to die on in turn.
+        create_task_handler = c.create_task_handler
+        transport_errors = tuple(c.connection_errors) + tuple(c.channel_errors)
+
+        def create_guarded_task_handler(*args: Any, **kwargs: Any) -> Any:
+            handler = create_task_handler(*args, **kwargs)
+
+            def on_task_received(message: Any) -> Any:
+                try:
+                    return handler(message)
+                except transport_errors:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - any other: the message is at fault
+                    if _keep(message, "undecodable", f"the message is no task message: {exc!r}"):
+                        message.ack_log_error(logger, transport_errors)
+                    return None
+
+            return on_task_received
+
+        c.create_task_handler = create_guarded_task_handler
+
 
 def _keep(message: Any, reason: str, error: str) -> bool:
     """Store ``message`` as a dead task; False (and the message requeued) if that failed."""

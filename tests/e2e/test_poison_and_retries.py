@@ -443,11 +443,16 @@ def test_messages_celery_would_discard_become_dead_tasks_and_the_queue_flows(
     )
     truncated_id = str(uuid.uuid4())
     publish_raw(broker, b'[["trunc', {"id": truncated_id, "task": record.name, "lang": "py"})
+    # JSON, but no task message: Celery's task handler raises on these, which stopped the
+    # worker with the message unacknowledged, for the next worker to die on.
+    malformed = {str(uuid.uuid4()): body for body in (b"null", b'{"x": 1}', b"[1, 2]")}
+    for malformed_id, body in malformed.items():
+        publish_raw(broker, body, {"id": malformed_id, "task": record.name, "lang": "py"})
     record.delay("after-the-junk")
     processes.relay()
     processes.worker()
     wait_for(lambda: effects("after-the-junk"), timeout=60, what="the good task after the junk")
-    wait_for(lambda: DeadTask.objects.count() >= 5, timeout=60, what="the junk to be kept")
+    wait_for(lambda: DeadTask.objects.count() >= 8, timeout=60, what="the junk to be kept")
     unknown = DeadTask.objects.get(task_id=unknown_id)
     assert unknown.reason == "unregistered"
     assert unknown.task_name == "tests.testapp.tasks.no_such_task"
@@ -461,6 +466,10 @@ def test_messages_celery_would_discard_become_dead_tasks_and_the_queue_flows(
     truncated = DeadTask.objects.get(task_id=truncated_id)
     assert (truncated.reason, truncated.task_name) == ("undecodable", record.name)
     assert truncated.body == '[["trunc'
+    for malformed_id, body in malformed.items():
+        kept = DeadTask.objects.get(task_id=malformed_id)
+        assert (kept.reason, kept.body) == ("undecodable", body.decode())
+        assert kept.exc_message.startswith("the message is no task message: ")
     wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")
 
 

@@ -86,3 +86,36 @@ def test_moving_with_nothing_dead_lettered_moves_nothing(quorum: str) -> None:
 def test_a_quorum_queue_needs_a_positive_delivery_limit() -> None:
     with pytest.raises(ValueError, match="delivery_limit must be at least 1"):
         quorum_queue("q", delivery_limit=0)
+
+
+def test_a_message_a_worker_kept_as_a_dead_task_then_rejected_is_not_kept_twice(
+    broker: Broker, quorum: str
+) -> None:
+    """A worker stores a message for an unknown task as a dead task, then Celery rejects it:
+    the quorum queue dead-letters it. Moving the dead letters acknowledges it without a second
+    dead task, which a requeue of both would run twice."""
+    from reliable_tasks.topology import move_dead_letters
+
+    task_id = str(uuid.uuid4())
+    headers = {"id": task_id, "task": "tests.testapp.tasks.no_such_task", "lang": "py"}
+    body = json.dumps([["unknown"], {}, {}])
+    Producer(broker.channel).publish(
+        body, routing_key=quorum, exchange=quorum, headers=headers,
+        content_type="application/json", content_encoding="utf-8", delivery_mode=2,
+    )  # fmt: skip
+    message = wait_for(
+        lambda: broker.channel.basic_get(quorum, no_ack=False), timeout=10, what="a delivery"
+    )
+    dead.capture_raw(
+        dead.RawMessage(
+            headers=headers, properties={}, body=body, content_type="application/json",
+            content_encoding="utf-8",
+        ),
+        reason="unregistered", error="no such task",
+    )  # fmt: skip
+    broker.channel.basic_reject(message.delivery_tag, requeue=False)  # as Celery does
+    with Connection(BROKER_URL) as connection:
+        wait_for(lambda: move_dead_letters(connection, quorum), timeout=15, what="the dead letter")
+    assert list(DeadTask.objects.values_list("task_id", "reason")) == [(task_id, "unregistered")]
+    _, dead_queue = quorum_queue(quorum)
+    assert broker.channel.basic_get(dead_queue.name, no_ack=True) is None  # acknowledged
