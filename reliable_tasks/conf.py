@@ -37,7 +37,10 @@ SETTINGS: dict[str, Setting] = {
         "default", (str,), "Database alias that holds the outbox, ledger and dead tasks."
     ),
     "MAX_PAYLOAD_BYTES": Setting(
-        256 * KiB, (int,), "Largest encoded task (body and headers) accepted at enqueue."
+        256 * KiB,
+        (int,),
+        "Largest encoded task (body and headers) accepted at enqueue.",
+        minimum=1,
     ),
     "OUTBOX_RETENTION": Setting(
         timedelta(days=7),
@@ -45,19 +48,34 @@ SETTINGS: dict[str, Setting] = {
         "How long dispatched outbox rows are kept as an audit trail.",
     ),
     "RELAY_BATCH_SIZE": Setting(
-        1000, (int,), "Rows a relay claims, publishes and confirms per batch."
+        1000,
+        (int,),
+        "Rows a relay claims, publishes and confirms per batch.",
+        minimum=1,
     ),
     "RELAY_POLL_INTERVAL": Setting(
-        1.0, (int, float), "Seconds a relay sleeps when it was not woken (polling fallback)."
+        1.0,
+        (int, float),
+        "Seconds a relay sleeps when it was not woken (polling fallback).",
+        minimum=0.01,
     ),
     "RELAY_CONFIRM_TIMEOUT": Setting(
-        30.0, (int, float), "Seconds a relay waits for the broker's confirms of one batch."
+        30.0,
+        (int, float),
+        "Seconds a relay waits for the broker's confirms of one batch.",
+        minimum=0.1,
     ),
     "RELAY_HEARTBEAT_INTERVAL": Setting(
-        5.0, (int, float), "Seconds between two heartbeats of a relay."
+        5.0,
+        (int, float),
+        "Seconds between two heartbeats of a relay.",
+        minimum=0.1,
     ),
     "RELAY_PRUNE_INTERVAL": Setting(
-        60.0, (int, float), "Seconds between two pruning passes of a relay; 0 turns them off."
+        60.0,
+        (int, float),
+        "Seconds between two pruning passes of a relay; 0 turns them off.",
+        minimum=0,
     ),
     "RELAY_RECONNECT_BACKOFF": Setting(
         (0.5, 30.0),
@@ -81,11 +99,13 @@ SETTINGS: dict[str, Setting] = {
         300.0,
         (int, float),
         "Lease of a lease-mode key; a holder that stops renewing loses it after this.",
+        minimum=1,
     ),
     "MAX_RESULT_BYTES": Setting(
         64 * KiB,
         (int,),
         "Largest task result the ledger stores for duplicates; larger results are stored as null.",
+        minimum=0,
     ),
     "CACHE_ALIAS": Setting(
         "default",
@@ -102,6 +122,7 @@ SETTINGS: dict[str, Setting] = {
         5,
         (int,),
         "Deliveries of one message without an outcome (worker killed) before it becomes a dead task.",
+        minimum=1,
     ),
     "DATABASE_DOWN_HOLD": Setting(
         60.0,
@@ -113,7 +134,10 @@ SETTINGS: dict[str, Setting] = {
         minimum=0,
     ),
     "MAX_RECORDED_ATTEMPTS": Setting(
-        25, (int,), "Failed attempts kept per task id; older ones are dropped."
+        25,
+        (int,),
+        "Failed attempts kept per task id; older ones are dropped.",
+        minimum=1,
     ),
     "DEAD_TASK_RETENTION": Setting(
         timedelta(days=30),
@@ -124,14 +148,18 @@ SETTINGS: dict[str, Setting] = {
         60.0,
         (int, float),
         "health/ fails when no running relay has sent a heartbeat for this many seconds.",
+        minimum=0,
     ),
     "HEALTH_MAX_DUE_AGE": Setting(
         60.0,
         (int, float),
         "health/ fails when the oldest due outbox row has waited longer than this, in seconds, "
         "or a pending row has been refused by the broker for longer than this.",
+        minimum=0,
     ),
-    "PRUNE_BATCH_SIZE": Setting(1000, (int,), "Rows deleted per statement when pruning."),
+    "PRUNE_BATCH_SIZE": Setting(
+        1000, (int,), "Rows deleted per statement when pruning.", minimum=1
+    ),
     "CELERY_APP": Setting(
         None,
         (str, type(None)),

@@ -35,17 +35,19 @@ def test_a_prune_batch_size_below_one_is_refused_not_replaced_by_the_default(siz
         run("prune", "--batch-size", size)
 
 
-@pytest.mark.parametrize("interval", ["0", "-1"])
+@pytest.mark.parametrize("interval", ["0", "-1", "nan", "inf"])
 def test_a_dead_letters_interval_that_is_not_positive_is_refused(interval: str) -> None:
-    """-1 would crash in time.sleep after a first pass, and 0 would poll the broker nonstop."""
+    """-1 would crash in time.sleep after a first pass, 0 would poll the broker nonstop, and
+    nan or inf end in a traceback from time.sleep."""
     with pytest.raises(
-        CommandError, match=f"--interval takes a number of seconds > 0, got {interval}"
+        CommandError,
+        match=f"--interval takes a finite number of seconds > 0, got {float(interval)}",
     ):
         run("dead-letters", "--queue", "any", "--follow", "--interval", interval)
 
 
 def test_a_relay_once_timeout_that_is_not_positive_is_refused() -> None:
-    with pytest.raises(CommandError, match="--timeout takes a number of seconds > 0, got 0"):
+    with pytest.raises(CommandError, match="--timeout takes a finite number of seconds > 0, got 0"):
         run("relay", "--once", "--timeout", "0")
 
 

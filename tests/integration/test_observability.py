@@ -300,8 +300,9 @@ def test_status_watch_refreshes_until_interrupted(monkeypatch: pytest.MonkeyPatc
     assert sleeps == [0.5, 0.5, 0.5]
     assert len(lines) == 3
     assert all(json.loads(line)["outbox_pending"] == 1 for line in lines)
-    with pytest.raises(CommandError, match="--watch takes a number of seconds > 0"):
-        run("status", "--watch", "0")
+    for watch in ("0", "nan"):
+        with pytest.raises(CommandError, match="--watch takes a finite number of seconds > 0"):
+            run("status", "--watch", watch)
 
 
 @pytest.mark.postgres

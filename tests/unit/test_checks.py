@@ -141,6 +141,19 @@ def test_a_retention_that_is_no_timedelta_is_error_e001(name: str) -> None:
         ("DATABASE_DOWN_HOLD", "60"),
         ("DATABASE_DOWN_HOLD", float("nan")),
         ("DATABASE_DOWN_HOLD", float("inf")),
+        # A relay that claims no row a batch publishes nothing, forever, without a word.
+        ("RELAY_BATCH_SIZE", 0),
+        ("RELAY_BATCH_SIZE", -5),
+        ("PRUNE_BATCH_SIZE", 0),
+        ("MAX_DELIVERIES", 0),
+        ("MAX_RECORDED_ATTEMPTS", 0),
+        ("MAX_PAYLOAD_BYTES", 0),
+        ("RELAY_POLL_INTERVAL", 0),
+        ("RELAY_CONFIRM_TIMEOUT", 0),
+        ("RELAY_HEARTBEAT_INTERVAL", float("nan")),
+        ("LEASE_SECONDS", 0.5),
+        ("RELAY_PRUNE_INTERVAL", -1),
+        ("HEALTH_MAX_DUE_AGE", -1),
     ],
 )
 def test_any_setting_conf_refuses_is_error_e001_naming_it(name: str, value: Any) -> None:

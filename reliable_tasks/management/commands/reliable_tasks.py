@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from argparse import ArgumentParser
 from collections.abc import Callable
@@ -266,8 +267,8 @@ def _parse_since(value: str) -> datetime:
 
 
 def _positive(option: str, seconds: float) -> None:
-    if seconds <= 0:
-        raise CommandError(f"{option} takes a number of seconds > 0, got {seconds}")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise CommandError(f"{option} takes a finite number of seconds > 0, got {seconds}")
 
 
 def _describe(result: Any) -> str:
