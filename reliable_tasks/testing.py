@@ -23,10 +23,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from celery import Task, signature
+from billiard.einfo import ExceptionInfo
+from celery import Task
+from celery.app import trace
 from celery.exceptions import Retry as CeleryRetry
+from celery.utils.nodenames import gethostname
 from django.utils import timezone
 from kombu import serialization
 
@@ -123,26 +126,36 @@ def run_enqueued(*, include_future: bool = True, max_tasks: int = 1000) -> list[
             OutboxMessage.objects.using(conf.DATABASE).filter(pk=entry.id).update(
                 status=OutboxStatus.DISPATCHED, dispatched_at=timezone.now()
             )
-            task = app.tasks[entry.task_name]
             try:
-                outcome = task.apply(
-                    entry.args, entry.kwargs, task_id=entry.task_id, headers=entry.headers, throw=True,
-                    retries=entry.headers.get("retries") or 0,
-                    link=entry.embed.get("callbacks"), link_error=entry.embed.get("errbacks"),
-                )  # fmt: skip
+                result = _run(app.tasks[entry.task_name], entry)
             except CeleryRetry:
                 # The next attempt is in the outbox already; this loop runs it without waiting.
                 continue
-            results.append(outcome.result)
-            _continue_chain(entry, outcome.result)
+            results.append(result)
 
 
-def _continue_chain(entry: Enqueued, result: Any) -> None:
-    """Enqueue the chain's next step, as a worker does after a step succeeds."""
-    steps = entry.embed.get("chain")
-    if steps:
-        following = signature(steps[-1], app=get_celery_app())
-        following.apply_async((result,), chain=steps[:-1])
+def _run(task: Task[Any, Any], entry: Enqueued) -> Any:
+    """Run one row in this process as a worker runs its message: Celery's tracer, with the
+    request a worker makes of it, the chain's remaining steps included (``Task.apply()`` leaves
+    them out, so a retry would lose them and a duplicate would still continue the chain).
+    Raises the task's error, or Celery's ``Retry`` for a retry written to the outbox."""
+    headers = entry.headers
+    request = {
+        "id": entry.task_id, "task": task.name, "retries": headers.get("retries") or 0,
+        "parent_id": headers.get("parent_id"), "root_id": headers.get("root_id"),
+        "is_eager": True, "hostname": gethostname(),
+        "callbacks": entry.embed.get("callbacks"), "errbacks": entry.embed.get("errbacks"),
+        "chain": entry.embed.get("chain"),
+        "headers": headers, "timelimit": headers.get("timelimit"),
+        "ignore_result": headers.get("ignore_result", task.ignore_result),
+        "delivery_info": {"is_eager": True, "exchange": "", "routing_key": entry.queue},
+    }  # fmt: skip
+    # Looked up as it is called, as Task.apply() does: tracing tools (sentry-sdk) replace it.
+    tracer = trace.build_tracer(task.name, task, eager=True, propagate=True, app=task.app)
+    outcome = tracer(entry.task_id, list(entry.args), entry.kwargs, request)
+    if isinstance(outcome.retval, ExceptionInfo):  # propagate=True raises; this is the backstop
+        raise cast(BaseException, outcome.retval.exception)
+    return outcome.retval
 
 
 def _decode(row: OutboxMessage) -> Enqueued:

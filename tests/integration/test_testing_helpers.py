@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from celery import chain
 from django.db import transaction
 
 from reliable_tasks import testing
 from tests.testapp.models import Effect
-from tests.testapp.tasks import charge, record, write_then_fail
+from tests.testapp.tasks import charge, pay, record, write_then_fail
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -39,6 +41,22 @@ def test_run_enqueued_runs_tasks_chains_and_their_follow_ups_once() -> None:
     results = testing.run_enqueued()
     assert sorted(Effect.objects.values_list("key", flat=True)) == ["c1", "c2", "charge:5"]
     assert results.count({"order": 5, "charged": 1, "key": "charge:5"}) == 2
+    assert testing.enqueued() == []
+
+
+def test_run_enqueued_keeps_a_chain_through_a_retry_and_continues_it_once_for_duplicates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on a worker: a step that fails once is retried with the rest of its chain, and a
+    duplicate of a business key, answered with the stored result, does not continue its chain
+    a second time."""
+    monkeypatch.setattr("tests.testapp.tasks.SIGNAL_DIR", tmp_path)
+    chain(pay.si(7, "fail-once"), record.si("after-the-retry")).delay()
+    chain(charge.si(9, amount=1), record.si("after-charge")).delay()
+    chain(charge.si(9, amount=1), record.si("after-charge")).delay()
+    testing.run_enqueued()
+    keys = sorted(Effect.objects.values_list("key", flat=True))
+    assert keys == ["after-charge", "after-the-retry", "charge:9", "pay:7"]
     assert testing.enqueued() == []
 
 
