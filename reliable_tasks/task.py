@@ -264,6 +264,15 @@ class ReliableTask(Task[Any, Any]):
             return super().__call__(*args, **kwargs)
         return _execute(self, args, kwargs)
 
+    def on_replace(self, sig: Any) -> Any:
+        """Celery's ``replace()`` has moved the callbacks and the rest of the chain into
+        ``sig``. Run eagerly (``apply()``, ``testing.run_enqueued()``), the replacement runs
+        them, then returns: left on this request too, they would be sent a second time."""
+        if self.request.is_eager:
+            request = cast(Any, self.request)
+            request.callbacks = request.chain = None
+        return super().on_replace(sig)
+
     def renew_lease(self, seconds: float | None = None) -> None:
         """Extend this lease-mode execution's hold on its key; call it from long tasks.
 
@@ -1138,8 +1147,8 @@ def _transaction_aborted() -> bool:
     """Has PostgreSQL aborted the transaction in hand (an error the body caught)? Asked of the
     driver's connection state, with no round trip."""
     raw = getattr(connections[conf.DATABASE], "connection", None)
-    info = getattr(raw, "info", None)  # psycopg 3's ConnectionInfo
-    return info is not None and info.transaction_status == _IN_ERROR
+    info = getattr(raw, "info", None)  # psycopg 3's ConnectionInfo (mysqlclient's is a method)
+    return bool(getattr(info, "transaction_status", None) == _IN_ERROR)
 
 
 class _Ended:

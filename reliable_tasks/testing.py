@@ -23,10 +23,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from billiard.einfo import ExceptionInfo
-from celery import Task
+from billiard.einfo import (  # type: ignore[attr-defined]  # not in celery-types' stubs
+    ExceptionInfo,
+    ExceptionWithTraceback,
+)
+from celery import Task, signature
 from celery.app import trace
 from celery.exceptions import Retry as CeleryRetry
 from celery.utils.nodenames import gethostname
@@ -37,6 +40,7 @@ from .conf import conf
 from .dead import decode_body
 from .models import OutboxMessage, OutboxStatus
 from .relay import get_celery_app
+from .task import ReliableTask
 
 
 @dataclass(frozen=True)
@@ -126,19 +130,38 @@ def run_enqueued(*, include_future: bool = True, max_tasks: int = 1000) -> list[
             OutboxMessage.objects.using(conf.DATABASE).filter(pk=entry.id).update(
                 status=OutboxStatus.DISPATCHED, dispatched_at=timezone.now()
             )
+            task = app.tasks[entry.task_name]
             try:
-                result = _run(app.tasks[entry.task_name], entry)
+                if isinstance(task, ReliableTask):
+                    result = _run(task, entry)
+                else:  # a plain task's dead message, requeued: Celery's own eager call
+                    result = task.apply(
+                        entry.args, entry.kwargs, task_id=entry.task_id, headers=entry.headers,
+                        throw=True, retries=entry.headers.get("retries") or 0,
+                        link=entry.embed.get("callbacks"), link_error=entry.embed.get("errbacks"),
+                    ).result  # fmt: skip
+                    _continue_chain(entry, result)
             except CeleryRetry:
                 # The next attempt is in the outbox already; this loop runs it without waiting.
                 continue
             results.append(result)
 
 
+def _continue_chain(entry: Enqueued, result: Any) -> None:
+    """Enqueue a plain task's next chain step, as a worker does after the step succeeds."""
+    steps = entry.embed.get("chain")
+    if steps:
+        following = signature(steps[-1], app=get_celery_app())
+        following.apply_async((result,), chain=steps[:-1])
+
+
 def _run(task: Task[Any, Any], entry: Enqueued) -> Any:
     """Run one row in this process as a worker runs its message: Celery's tracer, with the
     request a worker makes of it, the chain's remaining steps included (``Task.apply()`` leaves
     them out, so a retry would lose them and a duplicate would still continue the chain).
-    Raises the task's error, or Celery's ``Retry`` for a retry written to the outbox."""
+    Raises the task's error, or Celery's ``Retry`` for a retry written to the outbox; a task
+    that ended with ``Ignore`` or ``Reject`` (which the tracer returns) gives that, as
+    ``Task.apply()`` does."""
     headers = entry.headers
     request = {
         "id": entry.task_id, "task": task.name, "retries": headers.get("retries") or 0,
@@ -153,9 +176,12 @@ def _run(task: Task[Any, Any], entry: Enqueued) -> Any:
     # Looked up as it is called, as Task.apply() does: tracing tools (sentry-sdk) replace it.
     tracer = trace.build_tracer(task.name, task, eager=True, propagate=True, app=task.app)
     outcome = tracer(entry.task_id, list(entry.args), entry.kwargs, request)
-    if isinstance(outcome.retval, ExceptionInfo):  # propagate=True raises; this is the backstop
-        raise cast(BaseException, outcome.retval.exception)
-    return outcome.retval
+    retval = outcome.retval
+    if isinstance(retval, ExceptionInfo):  # Ignore and Reject, which the tracer does not raise
+        retval = retval.exception
+        if isinstance(retval, ExceptionWithTraceback):
+            retval = retval.exc
+    return retval
 
 
 def _decode(row: OutboxMessage) -> Enqueued:

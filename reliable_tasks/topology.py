@@ -86,7 +86,9 @@ def move_dead_letters(connection: Connection, queue: str, *, limit: int | None =
             if (
                 _reason(headers) == "rejected"
                 and isinstance(task_id, str)
-                and DeadTask.objects.filter(task_id=task_id, status=DeadStatus.DEAD).exists()
+                and DeadTask.objects.using(conf.DATABASE)
+                .filter(task_id=task_id, status=DeadStatus.DEAD)
+                .exists()
             ):
                 # A worker stored it as a dead task (an unknown task, a message it cannot
                 # read), then rejected it, and the queue dead-lettered it: kept already.

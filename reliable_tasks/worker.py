@@ -173,7 +173,12 @@ class DeadLetterStep(bootsteps.StartStopStep):
                     return handler(message)
                 except transport_errors:
                     raise
-                except Exception as exc:  # noqa: BLE001 - any other: the message is at fault
+                except Exception as exc:
+                    if message.acknowledged:
+                        # Celery settled it (kept by a handler above, then a result backend
+                        # failed, say): nothing of it is left to keep.
+                        logger.exception("error after the message was settled; worker goes on")
+                        return None
                     if _keep(message, "undecodable", f"the message is no task message: {exc!r}"):
                         message.ack_log_error(logger, transport_errors)
                     return None

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 from celery import chain
+from celery.exceptions import Ignore
 from django.db import transaction
 
 from reliable_tasks import testing
 from tests.testapp.models import Effect
-from tests.testapp.tasks import charge, pay, record, write_then_fail
+from tests.testapp.tasks import charge, ignores_itself, pay, record, replaced, write_then_fail
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -57,6 +58,24 @@ def test_run_enqueued_keeps_a_chain_through_a_retry_and_continues_it_once_for_du
     testing.run_enqueued()
     keys = sorted(Effect.objects.values_list("key", flat=True))
     assert keys == ["after-charge", "after-the-retry", "charge:9", "pay:7"]
+    assert testing.enqueued() == []
+
+
+def test_run_enqueued_runs_a_chain_after_a_replaced_step_once_and_goes_on_after_ignore() -> None:
+    """A step that replaces itself hands the rest of its chain and its callbacks to the
+    replacement, which runs them: once. A task that ends with Ignore is a result, not an error,
+    and the rows after it run."""
+    chain(replaced.si("r"), record.si("after-the-replacement")).apply_async(
+        link=record.si("linked")
+    )
+    ignores_itself.delay("ignored")
+    record.delay("plain")
+    results = testing.run_enqueued()
+    keys = sorted(Effect.objects.values_list("key", flat=True))
+    assert keys == [
+        "after-the-replacement", "ignored", "linked", "plain", "r:before", "r:replacement"
+    ]  # fmt: skip
+    assert [str(r) for r in results if isinstance(r, Ignore)] == ["ignored is done with"]
     assert testing.enqueued() == []
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import shared_task
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 from django.db import IntegrityError, transaction
 from django.dispatch import receiver
 
@@ -168,6 +168,13 @@ def replaced(self: ReliableTask, key: str) -> str:
     """Writes, then hands over to another task with Celery's replace()."""
     Effect.objects.create(key=f"{key}:before")
     return self.replace(record.si(f"{key}:replacement"))  # type: ignore[no-any-return]
+
+
+@reliable_task
+def ignores_itself(key: str) -> None:
+    """Writes, then ends itself with Celery's Ignore (its writes and key commit, no result)."""
+    Effect.objects.create(key=key)
+    raise Ignore(f"{key} is done with")
 
 
 @reliable_task(bind=True, atomic=False)
