@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from celery import bootsteps
+from celery.exceptions import InvalidTaskError
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
@@ -45,6 +46,26 @@ class ReliableRequest(Request):
     its own mark): the redelivery counts the kill as a lost delivery, and a task that always
     runs over its limit ends as a dead task.
     """
+
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(message, *args, **kwargs)
+        # A body of three items that are not [args, kwargs, embed] passes Celery's consumer and
+        # fails in the pool, where Celery reports the task failed and acknowledges the message:
+        # refused here instead, the consumer hands it to DeadLetterStep, a dead task.
+        this = cast(Any, self)  # Celery's Request keeps these without type hints
+        payload = this._body if this._decoded else message.payload
+        embed = payload[2] if isinstance(payload, list | tuple) and len(payload) == 3 else None
+        args, kwargs = this._args, this._kwargs
+        if not (
+            isinstance(args, list | tuple)
+            and isinstance(kwargs, dict)
+            and (embed is None or isinstance(embed, dict))
+        ):
+            raise InvalidTaskError(
+                "the body is no [args, kwargs, embed] task message: args is a "
+                f"{type(args).__name__}, kwargs a {type(kwargs).__name__}, embed a "
+                f"{type(embed).__name__}"
+            )
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if soft or worker_state.should_terminate:

@@ -446,13 +446,18 @@ def test_messages_celery_would_discard_become_dead_tasks_and_the_queue_flows(
     # JSON, but no task message: Celery's task handler raises on these, which stopped the
     # worker with the message unacknowledged, for the next worker to die on.
     malformed = {str(uuid.uuid4()): body for body in (b"null", b'{"x": 1}', b"[1, 2]")}
+    # Three items, but no [args, kwargs, embed]: Celery took them to the pool, failed them as
+    # tasks and acknowledged them, with no dead task.
+    invalid = {str(uuid.uuid4()): body for body in (b'[[], {}, "x"]', b'["a", "b", {}]')}
+    for invalid_id, body in invalid.items():
+        publish_raw(broker, body, {"id": invalid_id, "task": record.name, "lang": "py"})
     for malformed_id, body in malformed.items():
         publish_raw(broker, body, {"id": malformed_id, "task": record.name, "lang": "py"})
     record.delay("after-the-junk")
     processes.relay()
     processes.worker()
     wait_for(lambda: effects("after-the-junk"), timeout=60, what="the good task after the junk")
-    wait_for(lambda: DeadTask.objects.count() >= 8, timeout=60, what="the junk to be kept")
+    wait_for(lambda: DeadTask.objects.count() >= 10, timeout=60, what="the junk to be kept")
     unknown = DeadTask.objects.get(task_id=unknown_id)
     assert unknown.reason == "unregistered"
     assert unknown.task_name == "tests.testapp.tasks.no_such_task"
@@ -470,6 +475,10 @@ def test_messages_celery_would_discard_become_dead_tasks_and_the_queue_flows(
         kept = DeadTask.objects.get(task_id=malformed_id)
         assert (kept.reason, kept.body) == ("undecodable", body.decode())
         assert kept.exc_message.startswith("the message is no task message: ")
+    for invalid_id, body in invalid.items():
+        kept = DeadTask.objects.get(task_id=invalid_id)
+        assert (kept.reason, kept.body) == ("undecodable", body.decode())
+        assert "the body is no [args, kwargs, embed] task message" in kept.exc_message
     wait_for(lambda: queue_counts() == (0, 0), timeout=30, what="the queue to drain")
 
 
