@@ -203,16 +203,21 @@ def test_requeue_sends_the_same_message_again_through_the_outbox() -> None:
     assert Effect.objects.filter(key="pay:7").count() == 1
 
 
-def test_requeue_with_a_renewed_key_runs_under_a_new_key_and_task_id() -> None:
-    # A dead task whose key is done already would only be a duplicate; a renewed key runs.
-    record.delay("again")
-    row = OutboxMessage.objects.get(status="pending")
-    source = DeadTask.objects.create(
-        task_id=row.task_id, task_name=row.task_name, args=["again"], kwargs={}, idempotency_key=row.task_id,
+def dead_copy(row: OutboxMessage, args: list[Any], *, key: str) -> DeadTask:
+    """A dead task (retries exhausted) holding the message of outbox row ``row``."""
+    return DeadTask.objects.create(
+        task_id=row.task_id, task_name=row.task_name, args=args, kwargs={}, idempotency_key=key,
         queue=row.queue, exchange=row.exchange, routing_key=row.routing_key, headers=row.headers,
         properties=row.properties, body=row.body, content_type=row.content_type,
         content_encoding=row.content_encoding, reason="exhausted",
     )  # fmt: skip
+
+
+def test_requeue_with_a_renewed_key_runs_under_a_new_key_and_task_id() -> None:
+    # A dead task whose key is done already would only be a duplicate; a renewed key runs.
+    record.delay("again")
+    row = OutboxMessage.objects.get(status="pending")
+    source = dead_copy(row, ["again"], key=row.task_id)
     testing.run_enqueued()
     renewed = dead.requeue(source, renew_key=True)
     assert renewed.task_id != row.task_id
@@ -241,12 +246,7 @@ def test_a_renewed_key_keeps_within_the_ledgers_255_characters_however_often_it_
     # Renewed for a requeue, the long key's task runs: the ledger takes the key.
     record.delay("long")
     row = OutboxMessage.objects.get(status="pending")
-    source = DeadTask.objects.create(
-        task_id=row.task_id, task_name=row.task_name, args=["long"], kwargs={}, idempotency_key=long_a,
-        queue=row.queue, exchange=row.exchange, routing_key=row.routing_key, headers=row.headers,
-        properties=row.properties, body=row.body, content_type=row.content_type,
-        content_encoding=row.content_encoding, reason="exhausted",
-    )  # fmt: skip
+    source = dead_copy(row, ["long"], key=long_a)
     row.delete()
     renewed = dead.requeue(source, renew_key=True)
     testing.run_enqueued()
