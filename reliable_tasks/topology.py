@@ -17,8 +17,9 @@ which needs no special queue.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import time
+import threading
 from typing import Any
 
 from kombu import Connection, Exchange, Queue
@@ -117,13 +118,49 @@ def move_dead_letters(connection: Connection, queue: str, *, limit: int | None =
         channel.close()
 
 
-def follow_dead_letters(connection: Connection, queue: str, *, interval: float = 5.0) -> None:
-    """Move dead letters every ``interval`` seconds until interrupted."""
-    while True:
-        moved = move_dead_letters(connection, queue)
-        if moved:
-            logger.info("moved %d dead-lettered messages of %s into dead tasks", moved, queue)
-        time.sleep(interval)
+def follow_dead_letters(
+    connection: Connection,
+    queue: str,
+    *,
+    interval: float = 5.0,
+    stop: threading.Event | None = None,
+) -> None:
+    """Move dead letters every ``interval`` seconds until interrupted (or ``stop`` is set).
+
+    A pass that loses the broker's connection, or finds the database unreachable, is logged and
+    tried again after the interval, on a new connection: its messages, unacknowledged, wait in
+    the dead-letter queue meanwhile.
+    """
+    from django.db import DatabaseError, close_old_connections
+
+    stop = stop or threading.Event()
+    errors: tuple[type[BaseException], ...] = (
+        *connection.connection_errors, *connection.channel_errors, DatabaseError,
+    )  # fmt: skip
+    current = connection
+    try:
+        while not stop.is_set():
+            try:
+                moved = move_dead_letters(current, queue)
+            except errors as exc:
+                logger.warning(
+                    "moving the dead letters of %s failed (%r); trying again in %g s",
+                    queue, exc, interval,
+                )  # fmt: skip
+                if current is not connection:
+                    with contextlib.suppress(Exception):
+                        current.close()
+                current = connection.clone()  # the next pass connects afresh
+                close_old_connections()
+            else:
+                if moved:
+                    logger.info(
+                        "moved %d dead-lettered messages of %s into dead tasks", moved, queue
+                    )
+            stop.wait(interval)
+    finally:
+        if current is not connection:
+            current.close()
 
 
 #: What RabbitMQ's x-death reasons mean.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -14,7 +16,7 @@ from kombu import Connection, Producer
 from reliable_tasks import dead, testing
 from reliable_tasks.models import DeadTask
 from reliable_tasks.topology import quorum_queue
-from tests.support import BROKER_URL, Broker, wait_for
+from tests.support import BROKER_URL, Broker, TcpProxy, wait_for
 from tests.testapp.models import Effect
 from tests.testapp.tasks import record
 
@@ -119,3 +121,56 @@ def test_a_message_a_worker_kept_as_a_dead_task_then_rejected_is_not_kept_twice(
     assert list(DeadTask.objects.values_list("task_id", "reason")) == [(task_id, "unregistered")]
     _, dead_queue = quorum_queue(quorum)
     assert broker.channel.basic_get(dead_queue.name, no_ack=True) is None  # acknowledged
+
+
+def test_following_dead_letters_goes_on_after_the_broker_connection_is_lost(
+    broker: Broker, quorum: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`dead-letters --follow` ran one connection and caught nothing: a RabbitMQ restart ended
+    it with a traceback. A pass that loses the connection is logged, and the next connects
+    afresh and moves what waits."""
+    from django.db import connections
+
+    from reliable_tasks.topology import follow_dead_letters
+
+    proxy = TcpProxy(5672)
+    stop = threading.Event()
+
+    def follow() -> None:
+        try:
+            with Connection(f"amqp://guest:guest@127.0.0.1:{proxy.port}//") as connection:
+                follow_dead_letters(connection, quorum, interval=0.2, stop=stop)
+        finally:
+            connections.close_all()
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    try:
+        time.sleep(0.5)  # a pass or two on the first connection
+        proxy.cut()
+        wait_for(
+            lambda: "moving the dead letters of" in caplog.text, timeout=10, what="the lost pass"
+        )
+        proxy.restore()
+        task_id = str(uuid.uuid4())
+        Producer(broker.channel).publish(
+            json.dumps([["after-the-cut"], {}, {}]), routing_key=quorum, exchange=quorum,
+            headers={"id": task_id, "task": record.name, "lang": "py", "retries": 0},
+            content_type="application/json", content_encoding="utf-8", delivery_mode=2,
+        )  # fmt: skip
+        for _ in range(2):  # past the delivery limit of 1: dead-lettered
+            message = wait_for(
+                lambda: broker.channel.basic_get(quorum, no_ack=False), timeout=10, what="it"
+            )
+            broker.channel.basic_reject(message.delivery_tag, requeue=True)
+        wait_for(
+            lambda: DeadTask.objects.filter(task_id=task_id).exists(),
+            timeout=15,
+            what="the follower to move it",
+        )
+    finally:
+        stop.set()
+        follower.join(timeout=10)
+        proxy.close()
+    assert not follower.is_alive()
+    assert DeadTask.objects.get(task_id=task_id).reason == "dead_lettered"
