@@ -506,7 +506,7 @@ def holds_nul(value: Any) -> bool:
 
 def column_text(text: str) -> str:
     """``text`` with what no database stores written out: a NUL character as ``\\x00``
-    (PostgreSQL refuses it), a lone surrogate as ``\\udXXX`` (no UTF-8 codec writes it)."""
+    (PostgreSQL refuses it), a lone surrogate as an escape such as ``\\ud800`` (no UTF-8 codec writes it)."""
     text = text.replace("\x00", "\\x00")
     if not text.isascii():
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
